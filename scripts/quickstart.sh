@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Quickstart: Multi30k German->English, raw text to sacreBLEU, on a CPU in about 20 minutes.
+#   MTKIT_DATA=/path/to/multi30k bash scripts/quickstart.sh
+# Installs what is missing (an existing torch is kept), then prepare -> train -> translate ->
+# evaluate with configs/quickstart_cpu.yaml into runs/quickstart/, and prints the
+# `mtkit evaluate --json` result for test_2016_flickr on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+start=$(date +%s)
+
+# 1. Install: keep an existing torch (users bring their CUDA build); else the CPU wheel.
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  "$PYTHON" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu >&2 \
+    || "$PYTHON" -m pip install -q torch >&2
+fi
+if ! "$PYTHON" -c "import mtkit, sentencepiece, sacrebleu, typer, datasets" 2>/dev/null; then
+  "$PYTHON" -m pip install -q -e . >&2
+fi
+mtkit() { "$PYTHON" -m mtkit "$@"; }
+
+# 2. Data: $MTKIT_DATA (a directory of Multi30k's {train,val,test_2016_flickr}.{de,en}.gz), else datasets.
+DATA_DIR=${MTKIT_DATA:-}
+if [ -z "$DATA_DIR" ]; then
+  DATA_DIR=runs/quickstart-data
+  "$PYTHON" scripts/fetch_multi30k.py "$DATA_DIR" >&2
+fi
+for f in train.de.gz train.en.gz val.de.gz val.en.gz test_2016_flickr.de.gz test_2016_flickr.en.gz; do
+  [ -f "$DATA_DIR/$f" ] || { echo "quickstart: $DATA_DIR/$f not found (set MTKIT_DATA to the Multi30k directory)" >&2; exit 2; }
+done
+
+CONFIG=configs/quickstart_cpu.yaml
+RUN=runs/quickstart
+mkdir -p "$RUN"
+mtkit prepare "$CONFIG" --set "data.dir=$DATA_DIR" --force
+mtkit train "$CONFIG" --set "data.dir=$DATA_DIR" --force
+gzip -dc "$DATA_DIR/test_2016_flickr.de.gz" > "$RUN/test_2016_flickr.de"
+gzip -dc "$DATA_DIR/test_2016_flickr.en.gz" > "$RUN/test_2016_flickr.en"
+mtkit translate -m "$RUN" --input "$RUN/test_2016_flickr.de" --output "$RUN/test_2016_flickr.hyp.en"
+mtkit evaluate --ref "$RUN/test_2016_flickr.en" --hyp "$RUN/test_2016_flickr.hyp.en" --json | tee "$RUN/test_2016_flickr.json"
+echo "quickstart: finished in $(( $(date +%s) - start )) s; translations in $RUN/test_2016_flickr.hyp.en" >&2

@@ -1,0 +1,197 @@
+"""The `mtkit` command line: argument parsing, help texts, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mtkit.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="mtkit: the Transformer of 'Attention Is All You Need' for machine translation.\n\n"
+                       "prepare -> train -> translate -> evaluate. Logs go to stderr, data to stdout.")
+log = logging.getLogger("mtkit")
+
+ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML), e.g. configs/quickstart_cpu.yaml.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override a config field, KEY=VALUE (repeatable), e.g. --set model.n_layers=3.")]
+ModelOpt = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="Checkpoint file, or run directory (its averaged.pt, else best.pt).")]
+
+
+def _errors_to_exit(func):
+    """User mistakes become one line on stderr and exit code 2; internal errors keep their traceback."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"mtkit: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("mtkit: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except BrokenPipeError:  # downstream closed the pipe (e.g. `| head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
+    return wrapper
+
+
+@app.callback()
+def main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False):
+    """Set up logging to stderr."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="mtkit: %(message)s")
+
+
+def _read_input(path: Path | None, errors: str = "strict") -> list[str]:
+    from mtkit.data.corpus import decode_lines, read_lines
+
+    if path is None or str(path) == "-":
+        return decode_lines(sys.stdin.buffer.read(), "<stdin>", errors)
+    return read_lines(path, errors)
+
+
+def _write_output(lines: list[str], path: Path | None) -> None:
+    """Write to stdout, or to a file atomically (whole or absent, never half-written)."""
+    text = "".join(f"{line}\n" for line in lines)
+    if path is None or str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@app.command()
+@_errors_to_exit
+def prepare(config: ConfigArg, set_: SetOpt = None,
+            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing prepared directory.")] = False):
+    """Read, clean, train SentencePiece and binarize a parallel corpus into data.prepared_dir."""
+    from mtkit.config import load_config
+    from mtkit.prepare import prepare as run_prepare
+
+    run_prepare(load_config(config, set_ or []), force=force)
+
+
+@app.command()
+@_errors_to_exit
+def train(config: ConfigArg, set_: SetOpt = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue the run in train.run_dir from its newest checkpoint.")] = False,
+          force: Annotated[bool, typer.Option("--force", help="Start over in a used run_dir, or resume despite config changes.")] = False):
+    """Train a Transformer on prepared data; checkpoints, logs and curves go to train.run_dir."""
+    from mtkit.config import load_config
+    from mtkit.train import train as run_train
+
+    run_train(load_config(config, set_ or []), resume=resume, force=force)
+
+
+def _load_translator(model: Path | None, beam: int | None, alpha: float | None, greedy: bool,
+                     max_tokens: int | None, device: str):
+    from mtkit.translate import Translator
+
+    if model is None:
+        raise UserError("--model/-m is required: a checkpoint file or a run directory")
+    return Translator.load(model, device, beam_size=1 if greedy else beam, length_penalty=alpha,
+                           max_tokens=max_tokens)
+
+
+BeamOpt = Annotated[Optional[int], typer.Option("--beam", "-b", min=1, help="Beam size (default: the model's decode.beam_size).")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--length-penalty", "-a", help="Length penalty alpha (default: decode.length_penalty).")]
+GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy search (beam size 1).")]
+MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Token budget per batch (default: decode.max_tokens).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+@app.command()
+@_errors_to_exit
+def translate(model: ModelOpt = None,
+              input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Source text, one sentence per line (default: stdin).")] = None,
+              output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where translations go (default: stdout).")] = None,
+              beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
+              nbest: Annotated[int, typer.Option("--nbest", "-n", min=1, help="Print the N best: 'index ||| translation ||| score' lines.")] = 1,
+              max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto"):
+    """Translate text line by line: exactly one output line per input line, in order."""
+    lines = _read_input(input)
+    translator = _load_translator(model, beam, length_penalty, greedy, max_tokens, device)
+    if nbest > translator.decode.beam_size:
+        raise UserError(f"--nbest {nbest} exceeds the beam size {translator.decode.beam_size}")
+    if nbest == 1:
+        out = translator.translate(lines)
+    else:
+        out = [f"{i} ||| {text} ||| {s:.4f}" for i, hyps in enumerate(translator.translate_nbest(lines, nbest))
+               for text, s in hyps]
+    _write_output(out, output)
+
+
+@app.command()
+@_errors_to_exit
+def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", help="Reference file (repeat for several references).")] = None,
+             hyp: Annotated[Optional[Path], typer.Option("--hyp", help="Hypotheses file (default: stdin, unless -m is given).")] = None,
+             model: ModelOpt = None,
+             src: Annotated[Optional[Path], typer.Option("--src", help="With -m: source file to translate, then score.")] = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter, signature).")] = False,
+             beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
+             max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto"):
+    """Score translations with sacreBLEU (BLEU, chrF, TER) and print their signatures."""
+    from mtkit.data.corpus import read_lines
+    from mtkit.evaluate import format_report, score
+
+    if not ref:
+        raise UserError("--ref is required (one or more reference files)")
+    refs = [read_lines(r) for r in ref]
+    if model is not None:
+        if src is None:
+            raise UserError("-m/--model needs --src, the source file to translate")
+        sources = read_lines(src)
+        if len(sources) != len(refs[0]):
+            raise UserError(f"{src} has {len(sources)} lines but {ref[0]} has {len(refs[0])}: counts must match")
+        hyps, hyp_name = _load_translator(model, beam, length_penalty, greedy, max_tokens, device).translate(sources), f"translation of {src}"
+    else:
+        hyps, hyp_name = _read_input(hyp), str(hyp or "<stdin>")
+    result = score(hyps, refs, names=(hyp_name, [str(r) for r in ref]))
+    if as_json:
+        result.pop("bleu_detail", None)
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(format_report(result))
+
+
+@app.command()
+@_errors_to_exit
+def average(run_dir: Annotated[Path, typer.Argument(help="Run directory (or its checkpoints/ directory).")],
+            last: Annotated[int, typer.Option("--last", "-k", min=1, help="How many newest step checkpoints to average (the paper: 5).")] = 5,
+            output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: RUN_DIR/checkpoints/averaged.pt).")] = None):
+    """Average the weights of the last K step checkpoints (section 6.1); translate then uses it."""
+    from mtkit.checkpoint import AVERAGED, average_checkpoints, save_checkpoint, step_checkpoints
+
+    ckpt_dir = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    steps = step_checkpoints(ckpt_dir)
+    if not steps:
+        raise UserError(f"{run_dir}: no step_*.pt checkpoints to average")
+    chosen = steps[-last:]
+    if len(chosen) < last:
+        log.warning("only %d step checkpoints in %s; averaging those", len(chosen), ckpt_dir)
+    target = output or ckpt_dir / AVERAGED
+    save_checkpoint(average_checkpoints(chosen), target)
+    log.info("averaged %s -> %s", ", ".join(p.name for p in chosen), target)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app(prog_name="mtkit")

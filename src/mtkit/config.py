@@ -1,0 +1,324 @@
+"""Run configuration: typed dataclasses for data, tokenizer, model, training and decoding.
+
+Every default lives in its field; `load_config` reads YAML, applies `--set key=value` overrides,
+rejects unknown keys and wrong types by name, and reports all problems at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtkit.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel corpus comes from, how it is cleaned, and where `prepare` writes it."""
+
+    src_lang: str = "de"
+    """Source language code; replaces `{lang}` in file patterns and names the default field."""
+    tgt_lang: str = "en"
+    """Target language code."""
+    format: Literal["text", "tsv", "jsonl", "hub"] = "text"
+    """text: a pair of files per split (plain or .gz); tsv: src<TAB>tgt; jsonl; hub: a `datasets` hub name."""
+    dir: str | None = None
+    """Directory that relative paths in `splits` are read from (default: the current directory)."""
+    splits: dict[str, str] = field(default_factory=dict)
+    """Split name -> file (pattern with `{lang}` for format text) or hub split name; needs train and valid."""
+    hub_name: str | None = None
+    """`datasets` hub dataset name (format hub), e.g. bentrevett/multi30k or wmt14."""
+    hub_config: str | None = None
+    """`datasets` hub config name, e.g. de-en for wmt14."""
+    src_field: str | None = None
+    """Field holding the source text in jsonl/hub records; dots descend (translation.de). Default: src_lang."""
+    tgt_field: str | None = None
+    """Field holding the target text in jsonl/hub records. Default: tgt_lang."""
+    prepared_dir: str = "prepared/data"
+    """Where `prepare` writes the tokenizer, binary shards and manifest."""
+    max_tokens_per_sentence: int = 250
+    """Training pairs with more subword tokens than this on either side are dropped."""
+    max_length_ratio: float | None = 3.0
+    """Training pairs whose subword length ratio (longer/shorter) exceeds this are dropped; None: off."""
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece subword model trained by `prepare` on the training split."""
+
+    type: Literal["bpe", "unigram"] = "bpe"
+    """Subword algorithm (the paper used BPE, section 5.1)."""
+    vocab_size: int = 8000
+    """Subword vocabulary size (per side when joint is false)."""
+    joint: bool = True
+    """One vocabulary for source and target (needed for shared embeddings, section 3.4)."""
+    character_coverage: float = 1.0
+    """Share of characters covered by the model; the rest goes through byte fallback."""
+    byte_fallback: bool = True
+    """Spell unseen characters as UTF-8 bytes instead of <unk>."""
+    input_sentence_size: int | None = None
+    """Train SentencePiece on a random sample of this many sentences; None: all."""
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer's dimensions (Table 3 of the paper)."""
+
+    d_model: int = 512
+    """Model width (paper base 512, big 1024)."""
+    n_heads: int = 8
+    """Attention heads h; d_k = d_v = d_model / h."""
+    d_ff: int = 2048
+    """Inner size of the position-wise feed-forward network."""
+    n_layers: int = 6
+    """Layers N in the encoder and in the decoder."""
+    dropout: float = 0.1
+    """P_drop on sublayer outputs and on embeddings + positions (section 5.4)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention weights (not in the paper; 0 reproduces it)."""
+    norm: Literal["post", "pre"] = "post"
+    """post: LayerNorm(x + Sublayer(x)) as the paper; pre: x + Sublayer(LayerNorm(x))."""
+    share_embeddings: bool = True
+    """Tie source, target and output embeddings (section 3.4); needs a joint vocabulary."""
+    max_positions: int = 1024
+    """Longest sequence the sinusoidal table covers."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: batches, optimizer, schedule, validation and checkpoints."""
+
+    run_dir: str = "runs/model"
+    """Directory for checkpoints, logs, learning curves and the resolved config."""
+    seed: int = 1
+    """Seed for weights, dropout and batch order."""
+    max_tokens: int = 25000
+    """Token budget per batch: padded length x sentences, max of source and target (paper ~25k)."""
+    accum_steps: int = 1
+    """Batches whose gradients are summed before one optimizer step."""
+    max_steps: int = 100000
+    """Stop after this many optimizer steps (paper base: 100k)."""
+    max_epochs: int | None = None
+    """Stop after this many passes over the data; None: no limit."""
+    lr_factor: float = 1.0
+    """Multiplier on the paper's schedule d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
+    warmup_steps: int = 4000
+    """Linear warm-up steps of the schedule (section 5.3)."""
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    """Adam beta1, beta2 (section 5.3)."""
+    adam_eps: float = 1e-9
+    """Adam epsilon (section 5.3)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW); 0 is the paper's Adam."""
+    label_smoothing: float = 0.1
+    """epsilon_ls of section 5.4."""
+    clip_norm: float | None = None
+    """Clip the gradient norm to this value; None: no clipping (the paper does not clip)."""
+    valid_every: int = 1000
+    """Validate (loss and beam-search BLEU) every this many steps, and at the end."""
+    valid_bleu_sentences: int | None = None
+    """Decode only the first this many validation sentences for BLEU; None: all."""
+    log_every: int = 50
+    """Write training metrics to the log every this many steps."""
+    keep_last: int = 5
+    """Keep this many most recent step checkpoints (plus the best and the last)."""
+    patience: int | None = None
+    """Stop when validation BLEU has not improved for this many validations; None: off."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    threads: int | None = None
+    """CPU threads for torch; None: torch's default."""
+
+
+@dataclass
+class DecodeConfig:
+    """Search settings for `translate`, `evaluate -m` and validation BLEU (section 6.1)."""
+
+    beam_size: int = 4
+    """Beam width; 1 is greedy search."""
+    length_penalty: float = 0.6
+    """alpha of Wu et al. (2016): scores are divided by ((5 + length) / 6) ** alpha."""
+    max_len_offset: int = 50
+    """Output length limit = source length + this (section 6.1)."""
+    max_tokens: int = 4000
+    """Token budget per translation batch (source tokens x beam)."""
+
+
+@dataclass
+class RunConfig:
+    """One run: everything `prepare`, `train` and `translate` need."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems)
+    if origin is Literal:
+        if value in args:
+            return value
+        problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return value
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            problems.append(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            return value
+        return tuple(_coerce(v, a, f"{key}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, collecting unknown keys and type errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            problems.append(f"unknown key '{full}'{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full, problems)
+        else:
+            kwargs[key] = _coerce(value, tp, full, problems)
+    return cls(**kwargs)
+
+
+def _check(cfg: RunConfig) -> list[str]:
+    """Constraints between fields that types alone do not catch."""
+    problems = []
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.d_model % m.n_heads:
+        problems.append(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.share_embeddings and not cfg.tokenizer.joint:
+        problems.append("model.share_embeddings needs tokenizer.joint: true")
+    for key, value in [("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
+                       ("model.d_ff", m.d_ff), ("model.n_layers", m.n_layers),
+                       ("train.max_tokens", t.max_tokens), ("train.accum_steps", t.accum_steps),
+                       ("train.max_steps", t.max_steps), ("train.warmup_steps", t.warmup_steps),
+                       ("train.valid_every", t.valid_every), ("train.log_every", t.log_every),
+                       ("train.keep_last", t.keep_last), ("decode.beam_size", cfg.decode.beam_size),
+                       ("decode.max_tokens", cfg.decode.max_tokens),
+                       ("tokenizer.vocab_size", cfg.tokenizer.vocab_size)]:
+        if isinstance(value, int) and value < 1:
+            problems.append(f"{key} must be >= 1, got {value}")
+    for key, value in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),
+                       ("train.label_smoothing", t.label_smoothing)]:
+        if isinstance(value, float) and not 0.0 <= value < 1.0:
+            problems.append(f"{key} must be in [0, 1), got {value}")
+    if d.format != "hub" or d.splits:
+        for split in ("train", "valid"):
+            if split not in d.splits:
+                problems.append(f"data.splits.{split} is required")
+    if d.format == "hub" and not d.hub_name:
+        problems.append("data.hub_name is required when data.format is hub")
+    return problems
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'model.n_layers=3' -> (['model', 'n_layers'], 3); the value is read as YAML."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. model.n_layers=3")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def config_from_dict(raw: Any, source: str = "config", overrides: list[str] = ()) -> RunConfig:
+    """Build and validate a RunConfig; raise one UserError listing every problem."""
+    raw = dict(raw or {}) if isinstance(raw, dict) else raw
+    problems: list[str] = []
+    if isinstance(raw, dict):
+        for item in overrides:
+            path, value = parse_override(item)
+            node = raw
+            for part in path[:-1]:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    raise UserError(f"--set {item!r}: '{part}' is not a section")
+            node[path[-1]] = value
+    cfg = _build(RunConfig, raw, "", problems)
+    if not problems:
+        problems = _check(cfg)
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `--set` overrides and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    return config_from_dict(raw, str(path), overrides)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict (tuples as lists) for YAML and checkpoints."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

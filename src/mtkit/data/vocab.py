@@ -1,0 +1,79 @@
+"""SentencePiece subword models: training on the training split, encoding and decoding."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import sentencepiece as spm
+
+from mtkit.config import TokenizerConfig
+from mtkit.errors import UserError
+
+# Fixed special ids shared by every vocabulary (model.py names them PAD, UNK, BOS, EOS).
+SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
+
+
+def train_sentencepiece(sentences: list[str], cfg: TokenizerConfig) -> bytes:
+    """Train a SentencePiece model on `sentences`; return the serialized model."""
+    buffer = io.BytesIO()
+    options = dict(
+        sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=cfg.vocab_size,
+        model_type=cfg.type, character_coverage=cfg.character_coverage,
+        byte_fallback=cfg.byte_fallback, num_threads=os.cpu_count() or 1, minloglevel=2,
+        **SPECIAL_IDS,
+    )
+    if cfg.input_sentence_size is not None:
+        options.update(input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True)
+    try:
+        spm.SentencePieceTrainer.train(**options)
+    except RuntimeError as exc:
+        message = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
+        raise UserError(f"tokenizer: SentencePiece training failed: {message}") from None
+    return buffer.getvalue()
+
+
+def load_processor(model: bytes) -> spm.SentencePieceProcessor:
+    """A SentencePiece processor from serialized model bytes."""
+    return spm.SentencePieceProcessor(model_proto=model)
+
+
+class Vocab:
+    """Source and target subword models (the same one when the vocabulary is joint)."""
+
+    def __init__(self, src_model: bytes, tgt_model: bytes | None = None):
+        self.src_model, self.tgt_model = src_model, tgt_model or src_model
+        self.src = load_processor(self.src_model)
+        self.tgt = self.src if tgt_model is None else load_processor(self.tgt_model)
+
+    @property
+    def joint(self) -> bool:
+        return self.tgt is self.src
+
+    @property
+    def src_size(self) -> int:
+        return self.src.get_piece_size()
+
+    @property
+    def tgt_size(self) -> int:
+        return self.tgt.get_piece_size()
+
+    def encode_src(self, lines: list[str]) -> list[list[int]]:
+        return self.src.encode(lines)
+
+    def encode_tgt(self, lines: list[str]) -> list[list[int]]:
+        return self.tgt.encode(lines)
+
+    def decode_tgt(self, ids: list[list[int]]) -> list[str]:
+        return self.tgt.decode(ids)
+
+    def src_pieces(self, line: str) -> list[str]:
+        return self.src.encode(line, out_type=str)
+
+    def to_state(self) -> dict:
+        """Serializable form stored in the prepared directory's manifest and in checkpoints."""
+        return {"src": self.src_model, "tgt": None if self.joint else self.tgt_model}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Vocab":
+        return cls(state["src"], state.get("tgt"))

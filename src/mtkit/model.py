@@ -1,0 +1,186 @@
+"""The Transformer of Vaswani et al. (2017), "Attention Is All You Need": Figure 1, sections 3.1-3.5.
+
+Mask convention for the whole package: a boolean mask is True where a query may attend to a key.
+Shapes: B batch, S source length, T target length, H heads, D d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtkit.config import ModelConfig
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+def sinusoids(length: int, d_model: int) -> torch.Tensor:
+    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(same)."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    inv = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    pe = torch.zeros(length, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * inv)
+    pe[:, 1::2] = torch.cos(pos * inv)
+    return pe.float()  # (length, D)
+
+
+class Embedding(nn.Module):
+    """Section 3.4 + 3.5: token embedding times sqrt(d_model), plus sinusoidal positions, dropout."""
+
+    def __init__(self, vocab_size: int, cfg: ModelConfig):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, cfg.d_model, padding_idx=PAD)
+        nn.init.normal_(self.tokens.weight, mean=0.0, std=cfg.d_model**-0.5)
+        nn.init.zeros_(self.tokens.weight[PAD])
+        self.register_buffer("pe", sinusoids(cfg.max_positions, cfg.d_model), persistent=False)
+        self.scale = math.sqrt(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = self.tokens(ids) * self.scale  # (B, L, D)
+        return self.dropout(x + self.pe[start : start + ids.size(1)])
+
+
+class MultiHeadAttention(nn.Module):
+    """Section 3.2.2: h parallel scaled dot-product attentions over learned projections."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.d_k = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.p_attn = cfg.attention_dropout
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), x.size(1), self.h, self.d_k).transpose(1, 2)  # (B, H, L, d_k)
+
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `memory`, computed once per source for cross-attention."""
+        return self.split(self.k(memory)), self.split(self.v(memory))
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        q = self.split(self.q(x))  # (B, H, Lq, d_k)
+        p = self.p_attn if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.out(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
+
+
+class FeedForward(nn.Module):
+    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.relu(self.w1(x)))
+
+
+class Residual(nn.Module):
+    """Section 5.4: LayerNorm(x + Dropout(Sublayer(x))) (post-norm); pre-norm as an option."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.pre = cfg.norm == "pre"
+
+    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+        if self.pre:  # departure from the paper, on request: x + Dropout(Sublayer(LayerNorm(x)))
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Section 3.1: self-attention, then the feed-forward network."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn, self.ffn = MultiHeadAttention(cfg), FeedForward(cfg)
+        self.res1, self.res2 = Residual(cfg), Residual(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.res1(x, lambda y: self.attn(y, self.attn.project_kv(y), mask))
+        return self.res2(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    """Section 3.1: masked self-attention, encoder-decoder attention, feed-forward network."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn, self.cross_attn = MultiHeadAttention(cfg), MultiHeadAttention(cfg)
+        self.ffn = FeedForward(cfg)
+        self.res1, self.res2, self.res3 = Residual(cfg), Residual(cfg), Residual(cfg)
+
+    def forward(self, x: torch.Tensor, cross_kv: tuple, src_mask: torch.Tensor,
+                cache: dict | None = None) -> torch.Tensor:
+        def self_attention(y: torch.Tensor) -> torch.Tensor:
+            k, v = self.self_attn.project_kv(y)
+            if cache is None:  # full target: causal mask, position i sees 0..i
+                return self.self_attn(y, (k, v), causal=True)
+            if "k" in cache:  # incremental: one new position sees everything cached so far
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            return self.self_attn(y, (k, v))
+
+        x = self.res1(x, self_attention)
+        x = self.res2(x, lambda y: self.cross_attn(y, cross_kv, src_mask))
+        return self.res3(x, self.ffn)
+
+
+class Transformer(nn.Module):
+    """Figure 1: encoder and decoder stacks of n_layers each, tied embeddings, output softmax."""
+
+    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int):
+        super().__init__()
+        self.cfg = cfg
+        self.src_embed = Embedding(src_vocab, cfg)
+        self.tgt_embed = self.src_embed if cfg.share_embeddings else Embedding(tgt_vocab, cfg)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        # Pre-norm needs a final LayerNorm on each stack; post-norm ends in one already.
+        self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src (B, S) -> memory (B, S, D) and the source mask (B, 1, 1, S)."""
+        mask = (src != PAD)[:, None, None, :]
+        x = self.src_embed(src)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.enc_norm(x), mask
+
+    def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Encoder keys/values for every decoder layer, projected once per source."""
+        return [layer.cross_attn.project_kv(memory) for layer in self.decoder]
+
+    def decode(self, tgt_in: torch.Tensor, cross: list, src_mask: torch.Tensor,
+               cache: list[dict] | None = None, start: int = 0) -> torch.Tensor:
+        """tgt_in (B, T) -> logits (B, T, V); with `cache`, tgt_in holds only positions start.."""
+        x = self.tgt_embed(tgt_in, start)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, cross[i], src_mask, None if cache is None else cache[i])
+        # Section 3.4: the pre-softmax projection shares the target embedding matrix.
+        return F.linear(self.dec_norm(x), self.tgt_embed.tokens.weight)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for training."""
+        memory, mask = self.encode(src)
+        return self.decode(tgt_in, self.cross_kv(memory), mask)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, shared matrices counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

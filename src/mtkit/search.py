@@ -1,0 +1,118 @@
+"""Greedy and beam search over the model's incremental decoder (section 6.1 of the paper)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mtkit.model import BOS, EOS, PAD, Transformer
+
+
+@dataclass
+class Hypothesis:
+    """One finished output: token ids without BOS/EOS, and its length-normalised log-probability."""
+
+    tokens: list[int]
+    score: float
+
+
+def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | float:
+    """Wu et al. (2016): lp(Y) = ((5 + |Y|) / 6) ** alpha."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def _start(model: Transformer, src: torch.Tensor, repeat: int):
+    """Encode once, repeat each sentence `repeat` times, project encoder keys/values once."""
+    memory, mask = model.encode(src)
+    memory, mask = memory.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+    return model.cross_kv(memory), mask, [{} for _ in model.decoder]
+
+
+def _reorder(cross: list, mask: torch.Tensor, cache: list[dict], index: torch.Tensor):
+    """Keep rows `index` of every per-hypothesis tensor (beam reordering, dropping finished)."""
+    cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cross]
+    for layer in cache:
+        for key in layer:
+            layer[key] = layer[key].index_select(0, index)
+    return cross, mask.index_select(0, index)
+
+
+def _max_lengths(src: torch.Tensor, offset: int, limit: int) -> torch.Tensor:
+    """Section 6.1: output length limit = input length + offset (capped by the model)."""
+    return ((src != PAD).sum(1) + offset).clamp(max=limit - 1)
+
+
+@torch.no_grad()
+def greedy_search(model: Transformer, src: torch.Tensor, max_len_offset: int = 50) -> list[list[int]]:
+    """Most probable next token at each step; one token list per source row."""
+    cross, mask, cache = _start(model, src, 1)
+    max_len = _max_lengths(src, max_len_offset, model.cfg.max_positions)
+    batch = src.size(0)
+    tokens = torch.full((batch, 1), BOS, dtype=torch.long, device=src.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    for step in range(int(max_len.max())):
+        logits = model.decode(tokens[:, -1:], cross, mask, cache, start=step)[:, -1]
+        logits[:, PAD] = float("-inf")
+        nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+        nxt = torch.where(~done & (step + 1 >= max_len), torch.full_like(nxt, EOS), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        done |= nxt == EOS
+        if bool(done.all()):
+            break
+    out = []
+    for row in tokens[:, 1:].tolist():
+        out.append(row[: row.index(EOS)] if EOS in row else row)
+    return out
+
+
+@torch.no_grad()
+def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha: float = 0.6,
+                max_len_offset: int = 50, nbest: int = 1) -> list[list[Hypothesis]]:
+    """Batched beam search; the beams of all sentences live in one (B * K) batch.
+
+    As in fairseq, a hypothesis ends when EOS is among the top K of the 2K candidates of a step,
+    and a sentence is done once K hypotheses have ended; finished sentences leave the batch.
+    With K = 1 this is greedy search.
+    """
+    B, K, device = src.size(0), beam_size, src.device
+    cross, mask, cache = _start(model, src, K)
+    max_len = _max_lengths(src, max_len_offset, model.cfg.max_positions)  # (B,)
+    alive = torch.arange(B, device=device)  # original sentence index of each row group
+    tokens = torch.full((B * K, 1), BOS, dtype=torch.long, device=device)
+    scores = torch.zeros(B, K, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    for step in range(int(max_len.max())):
+        logp = model.decode(tokens[:, -1:], cross, mask, cache, start=step)[:, -1].float().log_softmax(-1)
+        n, V = alive.numel(), logp.size(-1)
+        logp[:, PAD] = float("-inf")
+        at_limit = (step + 1 >= max_len[alive]).repeat_interleave(K)
+        logp[at_limit] = torch.where(torch.arange(V, device=device) == EOS, logp[at_limit], float("-inf"))
+        cand = (scores.view(-1, 1) + logp).view(n, K * V)
+        top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K)
+        beam_idx, tok_idx = top_idx // V, top_idx % V
+        is_eos = (tok_idx == EOS) & torch.isfinite(top_scores)
+        eos_top = is_eos[:, :K]
+        if bool(eos_top.any()):
+            lp = length_penalty(step + 1, alpha)
+            for r, c in eos_top.nonzero().tolist():
+                sent = int(alive[r])
+                if len(finished[sent]) < K:
+                    row = tokens[r * K + int(beam_idx[r, c]), 1:].tolist()
+                    finished[sent].append(Hypothesis(row, float(top_scores[r, c]) / lp))
+        # Continue with the best K candidates that did not end.
+        cont_scores = top_scores.masked_fill(is_eos, float("-inf"))
+        cont_scores, pick = cont_scores.topk(K, dim=1)  # (n, K)
+        src_rows = (beam_idx.gather(1, pick) + torch.arange(n, device=device)[:, None] * K).view(-1)
+        tokens = torch.cat([tokens.index_select(0, src_rows), tok_idx.gather(1, pick).view(-1, 1)], 1)
+        keep = torch.tensor([len(finished[int(s)]) < K for s in alive.tolist()], device=device)
+        keep &= step + 1 < max_len[alive]  # a sentence at its length limit has ended all it can
+        if not bool(keep.any()):
+            break
+        rows = (keep.nonzero().view(-1, 1) * K + torch.arange(K, device=device)).view(-1)
+        full = src_rows.index_select(0, rows)  # cache rows each surviving hypothesis came from
+        cross, mask = _reorder(cross, mask, cache, full)
+        tokens, scores, alive = tokens.index_select(0, rows), cont_scores[keep], alive[keep]
+    return [sorted(h, key=lambda x: -x.score)[:nbest] for h in finished]

@@ -1,0 +1,137 @@
+"""The Transformer against the paper: positions, attention, masks, parameter counts, decoding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model_config
+from mtkit.config import ModelConfig
+from mtkit.model import BOS, EOS, PAD, MultiHeadAttention, Transformer, count_parameters, sinusoids
+from mtkit.search import beam_search, greedy_search
+
+V = 32
+
+
+def tiny(**changes) -> Transformer:
+    return Transformer(tiny_model_config(**changes), V, V).eval()
+
+
+def random_src(batch: int, length: int) -> torch.Tensor:
+    src = torch.randint(4, V, (batch, length))
+    src[:, -1] = EOS
+    return src
+
+
+def test_sinusoids_follow_section_3_5():
+    pe = sinusoids(50, 8)
+    for pos in (0, 1, 17, 49):
+        for i in range(4):
+            angle = pos / 10000 ** (2 * i / 8)
+            assert pe[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_attention_equals_reference_computation():
+    cfg = tiny_model_config(d_model=8, n_heads=2)
+    attn = MultiHeadAttention(cfg).eval()
+    x, mem = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]
+    got = attn(x, attn.project_kv(mem), mask)
+    q = attn.q(x).view(2, 3, 2, 4).transpose(1, 2)
+    k = attn.k(mem).view(2, 5, 2, 4).transpose(1, 2)
+    v = attn.v(mem).view(2, 5, 2, 4).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(4)  # Equation 1
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    expected = attn.out((weights @ v).transpose(1, 2).reshape(2, 3, 8))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_source_padding_never_changes_the_output(norm):
+    model = tiny(norm=norm)
+    src = random_src(1, 6)
+    tgt = torch.tensor([[BOS, 5, 6, 7]])
+    alone = model(src, tgt)
+    padded = torch.cat([src, torch.full((1, 4), PAD)], 1)
+    other = random_src(1, 10)
+    batch = model(torch.cat([padded, other]), torch.cat([tgt, tgt]))
+    torch.testing.assert_close(batch[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_is_causal():
+    model = tiny()
+    src = random_src(2, 7)
+    tgt = torch.randint(4, V, (2, 6))
+    before = model(src, tgt)
+    changed = tgt.clone()
+    changed[:, 4:] = torch.randint(4, V, (2, 2))
+    after = model(src, changed)
+    torch.testing.assert_close(after[:, :4], before[:, :4])
+    assert not torch.allclose(after[:, 4:], before[:, 4:])
+
+
+def test_embeddings_are_shared_with_the_output_projection():
+    model = tiny()
+    assert model.src_embed.tokens.weight is model.tgt_embed.tokens.weight
+    src, tgt = random_src(1, 5), torch.tensor([[BOS, 9]])
+    logits = model(src, tgt)
+    with torch.no_grad():
+        model.tgt_embed.tokens.weight[11] += 1.0
+    assert not torch.allclose(model(src, tgt)[..., 11], logits[..., 11])
+
+
+@pytest.mark.parametrize("size, d_model, d_ff, heads, expected", [
+    ("base", 512, 2048, 8, 65e6), ("big", 1024, 4096, 16, 213e6)])
+def test_parameter_count_matches_table_3(size, d_model, d_ff, heads, expected):
+    cfg = ModelConfig(d_model=d_model, d_ff=d_ff, n_heads=heads, n_layers=6)
+    with torch.device("meta"):
+        model = Transformer(cfg, 37000, 37000)
+    assert abs(count_parameters(model) - expected) / expected < 0.03
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_incremental_decoding_gives_the_full_logits(norm):
+    model = tiny(norm=norm)
+    src = torch.cat([random_src(1, 6), torch.cat([random_src(1, 4), torch.full((1, 2), PAD)], 1)])
+    tgt = torch.cat([torch.full((2, 1), BOS), torch.randint(4, V, (2, 5))], 1)
+    full = model(src, tgt)
+    memory, mask = model.encode(src)
+    cross, cache = model.cross_kv(memory), [{} for _ in model.decoder]
+    steps = [model.decode(tgt[:, t : t + 1], cross, mask, cache, start=t) for t in range(tgt.size(1))]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_beam_size_one_equals_greedy():
+    model = tiny(n_layers=2)
+    src = torch.cat([random_src(3, 8), torch.cat([random_src(2, 5), torch.full((2, 3), PAD)], 1)])
+    greedy = greedy_search(model, src, max_len_offset=10)
+    beam = beam_search(model, src, beam_size=1, alpha=0.6, max_len_offset=10)
+    assert [h[0].tokens for h in beam] == greedy
+
+
+def test_beam_search_finds_at_least_the_greedy_score():
+    model = tiny(n_layers=2)
+    src = random_src(4, 6)
+    greedy = greedy_search(model, src, max_len_offset=8)
+    beams = beam_search(model, src, beam_size=4, alpha=0.0, max_len_offset=8, nbest=4)
+    memory, mask = model.encode(src)
+    for i, tokens in enumerate(greedy):
+        tgt = torch.tensor([[BOS] + tokens])
+        logp = F.log_softmax(model(src[i : i + 1], tgt), -1)[0]
+        greedy_score = sum(logp[t, tok].item() for t, tok in enumerate(tokens + [EOS]))
+        assert beams[i][0].score >= greedy_score - 1e-4
+        assert 1 <= len(beams[i]) <= 4
+        assert [h.score for h in beams[i]] == sorted((h.score for h in beams[i]), reverse=True)
+
+
+def test_output_length_is_limited_by_source_plus_offset():
+    model = tiny()
+    src = random_src(2, 5)
+    for tokens in greedy_search(model, src, max_len_offset=3):
+        assert len(tokens) <= 4 + 3  # 4 source tokens + EOS
+    for hyps in beam_search(model, src, beam_size=3, max_len_offset=3):
+        assert all(len(h.tokens) <= 4 + 3 for h in hyps)

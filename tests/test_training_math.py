@@ -1,0 +1,72 @@
+"""The training objective and schedule against hand computations (sections 5.3 and 5.4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtkit.data.batching import collate, token_batches
+from mtkit.model import BOS, EOS, PAD
+from mtkit.train import label_smoothed_loss, learning_rate
+
+
+@pytest.mark.parametrize("step", [1, 100, 3999, 4000, 4001, 100000])
+def test_learning_rate_is_the_papers_formula(step):
+    expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
+    assert learning_rate(step, 512, 4000) == pytest.approx(expected)
+    assert learning_rate(step, 512, 4000, factor=2.0) == pytest.approx(2 * expected)
+
+
+def test_learning_rate_peaks_at_the_end_of_warmup():
+    rates = [learning_rate(s, 512, 4000) for s in range(1, 20000, 50)]
+    peak = int(np.argmax(rates)) * 50 + 1
+    assert abs(peak - 4000) <= 50
+    assert learning_rate(4000, 512, 4000) == pytest.approx(512**-0.5 * 4000**-0.5)
+
+
+def test_label_smoothed_loss_against_hand_computation():
+    logits = torch.tensor([[[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [1.0, 1.0, 1.0, 1.0]]])
+    target = torch.tensor([[2, 1, PAD]])  # the PAD position must not count
+    eps, V = 0.1, 4
+    expected = expected_nll = 0.0
+    for t, gold in enumerate([2, 1]):
+        probs = [math.exp(x) for x in logits[0, t].tolist()]
+        logp = [math.log(p / sum(probs)) for p in probs]
+        # smoothed target distribution: (1 - eps) on gold + eps / V everywhere
+        expected += -sum(((1 - eps) * (k == gold) + eps / V) * logp[k] for k in range(V))
+        expected_nll += -logp[gold]
+    loss, nll = label_smoothed_loss(logits, target, eps)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert nll.item() == pytest.approx(expected_nll, rel=1e-5)
+    unsmoothed, _ = label_smoothed_loss(logits, target, 0.0)
+    assert unsmoothed.item() == pytest.approx(expected_nll, rel=1e-5)
+
+
+def test_token_batches_respect_the_budget_and_cover_every_sentence():
+    rng = np.random.default_rng(0)
+    src_lens, tgt_lens = rng.integers(1, 40, 500), rng.integers(1, 40, 500)
+    batches = token_batches(src_lens, tgt_lens, 200, np.random.default_rng(1))
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(500))
+    for b in batches:
+        width = max(int(max(src_lens[b].max(), tgt_lens[b].max())) + 1, 1)
+        assert len(b) * width <= 200
+    # similar lengths together: padding stays small
+    real = sum(int(tgt_lens[b].sum() + len(b)) for b in batches)
+    padded = sum(len(b) * int(tgt_lens[b].max() + 1) for b in batches)
+    assert real / padded > 0.8
+
+
+def test_an_overlong_sentence_gets_a_batch_of_its_own():
+    batches = token_batches(np.array([3, 500, 4]), np.array([3, 2, 4]), 100)
+    assert sorted(len(b) for b in batches) == [1, 2]
+
+
+def test_collate_shifts_the_target_for_teacher_forcing():
+    batch = collate([np.array([7, 8]), np.array([9])], [np.array([5, 6, 4]), np.array([10])])
+    assert batch["src"].tolist() == [[7, 8, EOS], [9, EOS, PAD]]
+    assert batch["tgt_in"].tolist() == [[BOS, 5, 6, 4], [BOS, 10, PAD, PAD]]
+    assert batch["tgt_out"].tolist() == [[5, 6, 4, EOS], [10, EOS, PAD, PAD]]
