@@ -29,7 +29,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def cfg_for(tmp_path, splits, fmt="text", **data):
     raw = {"data": {"format": fmt, "dir": str(tmp_path), "splits": splits, "src_lang": "xx", "tgt_lang": "yy",
                     "prepared_dir": str(tmp_path / "prepared"), **data},
-           "tokenizer": {"vocab_size": 60}}
+           "tokenizer": {"vocab_size": 60, "byte_fallback": False}}
     return config_from_dict(raw)
 
 
