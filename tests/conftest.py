@@ -21,7 +21,7 @@ def tiny_model_config(**changes) -> ModelConfig:
     return ModelConfig(**{**base, **changes})
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def multi30k() -> Path:
     """The Multi30k directory, or a skip naming where it was looked for."""
     if not (DATA / "train.de.gz").is_file():

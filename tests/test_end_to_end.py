@@ -34,7 +34,7 @@ def tiny_run_config(data_dir: Path, max_steps: int) -> dict:
                        prepared_dir="prepared")
     cfg["tokenizer"]["vocab_size"] = 800
     cfg["model"].update(d_model=64, n_heads=2, d_ff=128, n_layers=2, dropout=0.0)
-    cfg["train"].update(run_dir="run", max_tokens=1200, max_steps=max_steps, warmup_steps=60, lr_factor=2.0,
+    cfg["train"].update(run_dir="run", max_tokens=1200, max_steps=max_steps, warmup_steps=60, lr_factor=0.5,
                         valid_every=150, valid_bleu_sentences=50, log_every=25, keep_last=3,
                         precision="fp32", threads=None)
     cfg["decode"].update(beam_size=2, max_len_offset=20)
@@ -42,9 +42,9 @@ def tiny_run_config(data_dir: Path, max_steps: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, request):
+def trained(tmp_path_factory, multi30k):
     """Prepare and train once for the whole module; returns the work directory."""
-    data = request.getfixturevalue("multi30k")
+    data = multi30k
     work = tmp_path_factory.mktemp("e2e")
     write_slice(data, work / "data", "train", N_TRAIN)
     write_slice(data, work / "data", "val", N_TRAIN)  # validate on the training slice: memorisation is the aim
@@ -70,7 +70,7 @@ def test_loss_falls_and_the_model_reproduces_training_sentences(trained):
     for run in ("run", "untrained"):
         out = mtkit("evaluate", "-m", run, "--src", "data/train.de", "--ref", "data/train.en", "--json", cwd=trained)
         bleu[run] = json.loads(out.stdout)["bleu"]
-    assert bleu["run"] > bleu["untrained"] + 20, bleu
+    assert bleu["run"] > bleu["untrained"] + 40, bleu
 
 
 def test_checkpoints_are_self_contained_and_pruned(trained):
