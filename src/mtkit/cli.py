@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "prepare -> train -> translate -> evaluate. Logs go to stderr, data to stdout.")
 log = logging.getLogger("mtkit")
 
-ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML), e.g. configs/quickstart_cpu.yaml.")]
+ConfigArg = Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config (YAML), e.g. configs/quickstart_cpu.yaml.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override a config field, KEY=VALUE (repeatable), e.g. --set model.n_layers=3.")]
 ModelOpt = Annotated[Optional[Path], typer.Option(
@@ -174,7 +174,7 @@ def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", he
 
 @app.command()
 @_errors_to_exit
-def average(run_dir: Annotated[Path, typer.Argument(help="Run directory (or its checkpoints/ directory).")],
+def average(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run directory (or its checkpoints/ directory).")],
             last: Annotated[int, typer.Option("--last", "-k", min=1, help="How many newest step checkpoints to average (the paper: 5).")] = 5,
             output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: RUN_DIR/checkpoints/averaged.pt).")] = None):
     """Average the weights of the last K step checkpoints (section 6.1); translate then uses it."""
