@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 start=$(date +%s)
 
-# 1. Install: keep an existing torch (users bring their CUDA build); else the CPU wheel.
+# 1. Install: keep an existing torch (users bring their CUDA build); else the CPU build from
+#    PyTorch's CPU index (a bare `pip install torch` on Linux pulls several GB of CUDA wheels).
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-  "$PYTHON" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu >&2 \
-    || "$PYTHON" -m pip install -q torch >&2
+  "$PYTHON" -m pip install -q "torch==${MTKIT_TORCH_VERSION:-2.13.0}" --index-url https://download.pytorch.org/whl/cpu >&2
 fi
 if ! "$PYTHON" -c "import mtkit, sentencepiece, sacrebleu, typer, datasets" 2>/dev/null; then
   "$PYTHON" -m pip install -q -e . >&2

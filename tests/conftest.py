@@ -6,6 +6,7 @@ import gzip
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,27 @@ def write_slice(src_dir: Path, out_dir: Path, split: str, n: int) -> None:
         with gzip.open(src_dir / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
             lines = [next(f) for _ in range(n)]
         (out_dir / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
+
+
+WORDS = "the a small big dog cat man woman runs sits on in red blue house street".split()
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Toy pairs: random word strings and their reversed upper-case 'translation'."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        words = list(rng.choice(WORDS, size=int(rng.integers(2, 9))))
+        pairs.append((" ".join(words), " ".join(w.upper() for w in reversed(words))))
+    return pairs
+
+
+def write_text_pair(tmp_path: Path, name: str, pairs: list[tuple[str, str]], gz: bool = False) -> None:
+    """Pairs as NAME.xx / NAME.yy files (source and target), plain or gzipped."""
+    for side, lang in ((0, "xx"), (1, "yy")):
+        data = "".join(f"{p[side]}\n" for p in pairs).encode()
+        path = tmp_path / f"{name}.{lang}{'.gz' if gz else ''}"
+        path.write_bytes(gzip.compress(data) if gz else data)
 
 
 @pytest.fixture(autouse=True)

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import numpy as np
 import pytest
 
+from conftest import synthetic_pairs, write_text_pair
 from mtkit.config import config_from_dict
 from mtkit.data.corpus import decode_lines, read_lines
 from mtkit.data.shards import PreparedData
 from mtkit.errors import UserError
 from mtkit.prepare import prepare
-
-WORDS = "the a small big dog cat man woman runs sits on in red blue house street".split()
-
-
-def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for _ in range(n):
-        words = list(rng.choice(WORDS, size=int(rng.integers(2, 9))))
-        pairs.append((" ".join(words), " ".join(w.upper() for w in reversed(words))))
-    return pairs
 
 
 def cfg_for(tmp_path, splits, fmt="text", **data):
@@ -31,13 +20,6 @@ def cfg_for(tmp_path, splits, fmt="text", **data):
                     "prepared_dir": str(tmp_path / "prepared"), **data},
            "tokenizer": {"vocab_size": 60, "byte_fallback": False}}
     return config_from_dict(raw)
-
-
-def write_text_pair(tmp_path, name, pairs, gz=False):
-    for side, lang in ((0, "xx"), (1, "yy")):
-        data = "".join(f"{p[side]}\n" for p in pairs).encode()
-        path = tmp_path / f"{name}.{lang}{'.gz' if gz else ''}"
-        path.write_bytes(gzip.compress(data) if gz else data)
 
 
 def test_text_pairs_are_cleaned_encoded_and_counted(tmp_path):

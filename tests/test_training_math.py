@@ -10,7 +10,8 @@ import torch
 
 from mtkit.data.batching import collate, token_batches
 from mtkit.model import BOS, EOS, PAD
-from mtkit.train import label_smoothed_loss, learning_rate
+from mtkit.engine import label_smoothed_loss
+from mtkit.train import learning_rate
 
 
 @pytest.mark.parametrize("step", [1, 100, 3999, 4000, 4001, 100000])

@@ -22,7 +22,7 @@ log = logging.getLogger("mtkit")
 
 ConfigArg = Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config (YAML), e.g. configs/quickstart_cpu.yaml.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", "-s", help="Override a config field, KEY=VALUE (repeatable), e.g. --set model.n_layers=3.")]
+    "--set", "-s", metavar="KEY=VALUE", help="Override a config field, KEY=VALUE (repeatable), e.g. --set model.n_layers=3.")]
 ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="Checkpoint file, or run directory (its averaged.pt, else best.pt).")]
 
@@ -115,7 +115,7 @@ BeamOpt = Annotated[Optional[int], typer.Option("--beam", "-b", min=1, help="Bea
 AlphaOpt = Annotated[Optional[float], typer.Option("--length-penalty", "-a", help="Length penalty alpha (default: decode.length_penalty).")]
 GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy search (beam size 1).")]
 MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Token budget per batch (default: decode.max_tokens).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]", help="Where to run: auto is CUDA when available, else CPU.")]
 
 
 @app.command()

@@ -99,8 +99,9 @@ class TrainConfig:
     """Directory for checkpoints, logs, learning curves and the resolved config."""
     seed: int = 1
     """Seed for weights, dropout and batch order."""
-    max_tokens: int = 25000
-    """Token budget per batch: padded length x sentences, max of source and target (paper ~25k)."""
+    max_tokens: int | Literal["auto"] = 25000
+    """Token budget per batch: padded length x sentences, max of source and target (paper ~25k).
+    auto: on CUDA the largest budget that fits in memory (probed at start), on CPU 4096."""
     accum_steps: int = 1
     """Batches whose gradients are summed before one optimizer step."""
     max_steps: int = 100000
@@ -137,6 +138,8 @@ class TrainConfig:
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     threads: int | None = None
     """CPU threads for torch; None: torch's default."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the model for training; auto: on CUDA only (compiling costs more than it saves on CPU)."""
 
 
 @dataclass
@@ -165,6 +168,8 @@ class RunConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -176,7 +181,16 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, problems)
+        for option in inner:  # the first member that accepts the value wins
+            trial: list[str] = []
+            converted = _coerce(value, option, key, trial)
+            if not trial:
+                return converted
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, problems)
+        names = " or ".join(_type_name(a) for a in inner)
+        problems.append(f"{key}: expected {names}, got {value!r}")
+        return value
     if origin is Literal:
         if value in args:
             return value

@@ -1,5 +1,9 @@
 """`mtkit train`: token-budget batches -> Transformer -> label-smoothed loss -> Adam, with the
-paper's schedule, periodic validation (loss and beam-search BLEU), checkpoints and resume."""
+paper's schedule, periodic validation (loss and beam-search BLEU), checkpoints and resume.
+
+Runs alone or as every rank of `torchrun --nproc_per_node N -m mtkit train CONFIG` (DDP): each
+rank reads its own batches of a step, rank 0 validates and writes checkpoints and logs.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +13,32 @@ import math
 import shutil
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mtkit.checkpoint import BEST, load_checkpoint, prune, save_checkpoint, step_checkpoints
 from mtkit.config import RunConfig, config_to_dict, save_config
 from mtkit.data.batching import collate, token_batches
 from mtkit.data.shards import PreparedData, TokenArray
+from mtkit.engine import (ComputeContext, Dist, init_distributed, label_smoothed_loss, make_optimizer,
+                          probe_max_tokens, train_step, wrap_model)
 from mtkit.errors import UserError
 from mtkit.evaluate import score
 from mtkit.model import PAD, Transformer, count_parameters
-from mtkit.translate import Translator, pick_device
+from mtkit.translate import Translator
 
 log = logging.getLogger("mtkit")
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_epochs", "train.valid_every", "train.log_every",
                      "train.keep_last", "train.patience", "train.device", "train.threads",
-                     "train.valid_bleu_sentences", "decode.")
+                     "train.valid_bleu_sentences", "train.compile", "decode.")
 MAX_BAD_STEPS = 10
 
 
@@ -41,19 +46,6 @@ def learning_rate(step: int, d_model: int, warmup: int, factor: float = 1.0) -> 
     """Section 5.3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), times `factor`."""
     step = max(step, 1)
     return factor * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
-
-
-def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Section 5.4: cross-entropy against (1 - eps) * one-hot + eps / V; sums over non-pad tokens.
-
-    Returns (smoothed loss sum, negative log-likelihood sum).
-    """
-    lprobs = logits.float().log_softmax(-1).view(-1, logits.size(-1))
-    target = target.reshape(-1)
-    keep = target != PAD
-    nll = F.nll_loss(lprobs, target, ignore_index=PAD, reduction="sum")
-    smooth = -(lprobs.sum(-1) * keep).sum() / lprobs.size(-1)
-    return (1.0 - epsilon) * nll + epsilon * smooth, nll.detach()
 
 
 @dataclass
@@ -65,7 +57,24 @@ class TrainState:
     batch_in_epoch: int = 0
     best_bleu: float | None = None
     bad_validations: int = 0
+    max_tokens: int | None = None
     history: list = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once by `train`."""
+
+    cfg: RunConfig
+    model: Transformer
+    step_model: torch.nn.Module  # model, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    translator: Translator
+    data: PreparedData
+    run_dir: Path
+    autocast: ComputeContext
+    ranks: Dist
+    device: torch.device
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -80,29 +89,37 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _epoch_batches(src: TokenArray, tgt: TokenArray, cfg: RunConfig, epoch: int) -> list[np.ndarray]:
-    """Batches of one epoch; a function of (seed, epoch) alone, so resume can rebuild them."""
-    rng = np.random.default_rng([cfg.train.seed, epoch])
-    return token_batches(src.lengths, tgt.lengths, cfg.train.max_tokens, rng)
+def _epoch_groups(src: TokenArray, tgt: TokenArray, budget: int, seed: int, epoch: int,
+                  group: int) -> list[list[np.ndarray]]:
+    """The batches of one epoch in groups of accum_steps x world (one optimizer step each).
+
+    A function of (seed, epoch) alone, so resume rebuilds them and every rank agrees; a last
+    group that would leave a rank without a batch is dropped (the epoch's shuffle varies it).
+    """
+    batches = token_batches(src.lengths, tgt.lengths, budget, np.random.default_rng([seed, epoch]))
+    return [batches[i : i + group] for i in range(0, len(batches) - group + 1, group)]
 
 
-class _ComputeContext:
-    """bf16 autocast when asked; on CPU, SDPA's math kernel (its fused CPU kernels measured
-    1.1x slower in fp32 and 1.5x slower in bf16 for training steps here)."""
+class _Pairs(Dataset):
+    def __init__(self, src: TokenArray, tgt: TokenArray):
+        self.src, self.tgt = src, tgt
 
-    def __init__(self, device: torch.device, bf16: bool):
-        self.device, self.bf16 = device, bf16
+    def __len__(self) -> int:
+        return len(self.src)
 
-    def __enter__(self):
-        self.stack = ExitStack()
-        if self.bf16:
-            self.stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
-        if self.device.type == "cpu":
-            self.stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        return self
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.src[i], self.tgt[i]
 
-    def __exit__(self, *exc):
-        return self.stack.__exit__(*exc)
+
+def _collate_pairs(items: list) -> dict[str, torch.Tensor]:
+    return collate([s for s, _ in items], [t for _, t in items])
+
+
+def _loader(src: TokenArray, tgt: TokenArray, batches: list[np.ndarray], device: torch.device) -> DataLoader:
+    """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA."""
+    cuda = device.type == "cuda"
+    return DataLoader(_Pairs(src, tgt), batch_sampler=batches, collate_fn=_collate_pairs,
+                      num_workers=2 if cuda else 0, pin_memory=cuda, prefetch_factor=8 if cuda else None)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -111,12 +128,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def validate(model: Transformer, translator: Translator, data: PreparedData, cfg: RunConfig,
-             autocast) -> dict:
+             autocast: ComputeContext, max_tokens: int) -> dict:
     """Validation loss (per target token) and sacreBLEU of beam search on the validation set."""
     model.eval()
     src, tgt = data.split("valid")
     nll_sum, tokens = 0.0, 0
-    for idx in token_batches(src.lengths, tgt.lengths, cfg.train.max_tokens):
+    for idx in token_batches(src.lengths, tgt.lengths, max_tokens):
         batch = _to_device(collate([src[i] for i in idx], [tgt[i] for i in idx]), translator.device)
         with autocast:
             logits = model(batch["src"], batch["tgt_in"])
@@ -156,15 +173,14 @@ def plot_curves(log_path: Path, out: Path) -> None:
     tmp.replace(out)
 
 
-def _checkpoint(model, optimizer, cfg: RunConfig, data: PreparedData, state: TrainState,
-                with_train_state: bool = True) -> dict:
-    ckpt = {"model": model.state_dict(), "config": config_to_dict(cfg), "vocab": data.vocab.to_state(),
-            "step": state.step}
+def _checkpoint(run: Run, state: TrainState, with_train_state: bool = True) -> dict:
+    ckpt = {"model": run.model.state_dict(), "config": config_to_dict(run.cfg),
+            "vocab": run.data.vocab.to_state(), "step": state.step}
     if with_train_state:
         ckpt["train_state"] = {
-            "optimizer": optimizer.state_dict(), "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+            "optimizer": run.optimizer.state_dict(), "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
             "best_bleu": state.best_bleu, "bad_validations": state.bad_validations,
-            "history": state.history, "torch_rng": torch.get_rng_state(),
+            "max_tokens": state.max_tokens, "history": state.history, "torch_rng": torch.get_rng_state(),
         }
     return ckpt
 
@@ -184,7 +200,7 @@ def _setup_run_dir(cfg: RunConfig, resume: bool, force: bool) -> Path:
     return run_dir
 
 
-def _restore(model, optimizer, cfg: RunConfig, run_dir: Path, force: bool) -> TrainState:
+def _restore(model, optimizer, cfg: RunConfig, run_dir: Path, force: bool, main: bool) -> TrainState:
     """Load the newest step checkpoint of `run_dir` into model and optimizer."""
     steps = step_checkpoints(run_dir / "checkpoints")
     if not steps:
@@ -199,137 +215,205 @@ def _restore(model, optimizer, cfg: RunConfig, run_dir: Path, force: bool) -> Tr
     optimizer.load_state_dict(ts["optimizer"])
     torch.set_rng_state(ts["torch_rng"])
     state = TrainState(ckpt["step"], ts["epoch"], ts["batch_in_epoch"], ts["best_bleu"],
-                       ts["bad_validations"], ts["history"])
+                       ts["bad_validations"], ts.get("max_tokens"), ts["history"])
     log_path = run_dir / "log.jsonl"
-    if log_path.exists():  # forget what was logged after the checkpoint: those steps run again
+    if main and log_path.exists():  # forget what was logged after the checkpoint: those steps run again
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
         log_path.write_text("".join(f"{line}\n" for line in kept))
     log.info("resumed from %s at step %d (epoch %d)", steps[-1], state.step, state.epoch + 1)
     return state
 
 
+def _barrier(ranks: Dist) -> None:
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def _broadcast(value, ranks: Dist):
+    """Rank 0's value on every rank."""
+    if ranks.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     """Train until max_steps, max_epochs or early stopping; returns the run directory."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    data = PreparedData(cfg.data.prepared_dir)
-    device = pick_device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: cuda requested but no CUDA device is available")
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    autocast = _ComputeContext(device, bf16)
-    run_dir = _setup_run_dir(cfg, resume, force)
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model, data.vocab.src_size, data.vocab.tgt_size).to(device)
     t = cfg.train
-    opt_cls = torch.optim.AdamW if t.weight_decay else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=0.0, betas=t.adam_betas, eps=t.adam_eps,
-                        weight_decay=t.weight_decay)
-    state = _restore(model, optimizer, cfg, run_dir, force) if resume else TrainState()
-    save_config(cfg, run_dir / "config.yaml")
-    log.info("model: %s parameters; device %s%s", f"{count_parameters(model):,}", device, ", bf16" if bf16 else "")
-    translator = Translator(model, data.vocab, cfg.decode, device)
-    _loop(model, optimizer, translator, data, cfg, state, run_dir, autocast)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    data = PreparedData(cfg.data.prepared_dir)
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda requested but no CUDA device is available")
+    ranks, device = init_distributed(t.device)
+    if not ranks.main:
+        log.setLevel(logging.WARNING)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    autocast = ComputeContext(device, bf16)
+    run_dir = Path(t.run_dir)
+    if ranks.main:
+        _setup_run_dir(cfg, resume, force)
+    _barrier(ranks)
+    torch.manual_seed(t.seed)
+    model = Transformer(cfg.model, data.vocab.src_size, data.vocab.tgt_size).to(device)
+    optimizer = make_optimizer(model, t)
+    state = _restore(model, optimizer, cfg, run_dir, force, ranks.main) if resume else TrainState()
+    if state.max_tokens is None:  # resolved once per run, so resume rebuilds the same batches
+        longest = int(max(a.lengths.max() for a in data.split("train"))) + 1
+        state.max_tokens = (probe_max_tokens(model, cfg, device, longest, autocast, data.vocab.src_size)
+                            if t.max_tokens == "auto" else t.max_tokens)
+        state.max_tokens = _broadcast(state.max_tokens, ranks)
+    if ranks.rank:  # each rank its own dropout masks
+        torch.manual_seed(t.seed * 1000 + ranks.rank + state.step)
+    if ranks.main:
+        save_config(cfg, run_dir / "config.yaml")
+    log.info("model: %s parameters; device %s%s; %d tokens per batch x %d accumulated x %d ranks",
+             f"{count_parameters(model):,}", device, ", bf16" if bf16 else "", state.max_tokens,
+             t.accum_steps, ranks.world)
+    run = Run(cfg, model, wrap_model(model, t, device, ranks), optimizer,
+              Translator(model, data.vocab, cfg.decode, device), data, run_dir, autocast, ranks, device)
+    try:
+        _loop(run, state)
+    finally:
+        if ranks.world > 1:
+            dist.destroy_process_group()
     return run_dir
 
 
-def _loop(model, optimizer, translator, data, cfg: RunConfig, state: TrainState, run_dir: Path, autocast):
+class _Window:
+    """Training metrics between two log records: device sums (no sync per step) and host counts."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(2, device=self.device)  # this rank's loss and nll of kept steps
+        self.kept = torch.zeros(2, device=self.device)  # all ranks' tokens of kept steps, skipped steps
+        self.tgt_tokens = self.src_tokens = self.padded = self.steps = 0
+        self.start = time.time()
+
+    def add(self, out: dict, group: list[np.ndarray], src: TokenArray, tgt: TokenArray, n_tokens: int) -> None:
+        kept = 1.0 - out["skipped"]  # the same on every rank: the gradient norm is global
+        self.sums += torch.stack([out["loss"], out["nll"]]) * kept
+        self.kept += torch.stack([n_tokens * kept, out["skipped"]])
+        self.tgt_tokens += n_tokens
+        self.steps += 1
+        for idx in group:
+            s, t = src.lengths[idx] + 1, tgt.lengths[idx] + 1
+            self.src_tokens += int(s.sum())
+            self.padded += len(idx) * int(s.max() + t.max())
+
+    def record(self, state: TrainState, lr: float, ranks: Dist) -> dict:
+        """Reduce over ranks (one sync per log interval) into a log record."""
+        sums = self.sums.clone()
+        if ranks.world > 1:
+            dist.all_reduce(sums)
+        (loss, nll), (tokens, skipped) = sums.tolist(), self.kept.tolist()
+        elapsed = max(time.time() - self.start, 1e-9)
+        real = self.tgt_tokens + self.src_tokens
+        return {"step": state.step, "epoch": state.epoch + 1, "loss": loss / max(tokens, 1),
+                "nll": nll / max(tokens, 1), "lr": lr, "tgt_tokens_per_s": self.tgt_tokens / elapsed,
+                "tokens_per_s": real / elapsed, "padding": 1 - real / max(self.padded, 1),
+                "skipped_steps": int(skipped)}
+
+
+def _loop(run: Run, state: TrainState) -> None:
     """The training loop proper: steps, logging, validation, checkpoints, stopping."""
-    t = cfg.train
-    src, tgt = data.split("train")
-    log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")
-    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
-    model.train()
-    window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "src_tokens": 0, "time": time.time()}
-    bad_steps, stop = 0, None
-    batches = _epoch_batches(src, tgt, cfg, state.epoch)
+    cfg, t, ranks = run.cfg, run.cfg.train, run.ranks
+    src, tgt = run.data.split("train")
+    group_size = t.accum_steps * ranks.world
+    log_file = open(run.run_dir / "log.jsonl", "a", encoding="utf-8") if ranks.main else None
+    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not ranks.main)
+    run.model.train()
+    window, parts, stop, lr = _Window(run.device), 1, None, 0.0
+    validated_at = state.step  # a resumed run restarts from a validated checkpoint
+    bad_run = torch.zeros((), device=run.device)  # consecutive skipped (non-finite) steps
     while stop is None:
-        if state.batch_in_epoch >= len(batches):
+        groups = _epoch_groups(src, tgt, state.max_tokens, t.seed, state.epoch, group_size)
+        if not groups:
+            raise UserError(f"{run.data.dir}: too few training batches for {group_size} per step")
+        start = state.batch_in_epoch // group_size
+        mine = [idx for g in groups[start:] for idx in g[ranks.rank :: ranks.world]]
+        batches = iter(_loader(src, tgt, mine, run.device))
+        for group in groups[start:]:
+            micro = [_to_device(next(batches), run.device) for _ in range(t.accum_steps)]
+            n_tokens = sum(int(tgt.lengths[idx].sum()) + len(idx) for idx in group)
+            lr = learning_rate(state.step + 1, cfg.model.d_model, t.warmup_steps, t.lr_factor)
+            out, parts = train_step(run.step_model, run.optimizer, micro, n_tokens, ranks.world, lr, t,
+                                    run.autocast, parts)
+            state.step += 1
+            state.batch_in_epoch += group_size
+            window.add(out, group, src, tgt, n_tokens)
+            bad_run = (bad_run + out["skipped"]) * out["skipped"]
+            bar.update(1)
+            if state.step % t.log_every == 0:
+                _log_window(window, state, lr, bar, log_file, ranks, bad_run)
+            at_end = state.step >= t.max_steps
+            if state.step % t.valid_every == 0 or at_end:
+                stop, validated_at = _validate_and_save(run, state, log_file), state.step
+            if at_end and stop is None:
+                stop = f"reached max_steps {t.max_steps}"
+            if stop is not None:
+                break
+        else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if t.max_epochs is not None and state.epoch >= t.max_epochs:
                 stop = f"reached max_epochs {t.max_epochs}"
-                break
-            batches = _epoch_batches(src, tgt, cfg, state.epoch)
-        group = batches[state.batch_in_epoch : state.batch_in_epoch + t.accum_steps]
-        state.batch_in_epoch += len(group)
-        micro = [collate([src[i] for i in idx], [tgt[i] for i in idx]) for idx in group]
-        n_tokens = sum(int((b["tgt_out"] != PAD).sum()) for b in micro)
-        lr = learning_rate(state.step + 1, cfg.model.d_model, t.warmup_steps, t.lr_factor)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        loss_sum = nll_sum = 0.0
-        for b in micro:
-            b = _to_device(b, translator.device)
-            with autocast:
-                logits = model(b["src"], b["tgt_in"])
-            loss, nll = label_smoothed_loss(logits, b["tgt_out"], t.label_smoothing)
-            (loss / n_tokens).backward()  # gradient of the mean over the whole accumulated group
-            loss_sum, nll_sum = loss_sum + loss.detach(), nll_sum + nll.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm or float("inf"))
-        if not torch.isfinite(norm):  # skip the update; never let NaN reach the weights
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            log.warning("step %d: non-finite gradient norm, update skipped", state.step + 1)
-            if bad_steps >= MAX_BAD_STEPS:
-                raise UserError(f"training diverged: {bad_steps} non-finite steps in a row; lower train.lr_factor")
-            continue
-        bad_steps = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        window["loss"] += loss_sum
-        window["nll"] += nll_sum
-        window["tokens"] += n_tokens
-        window["src_tokens"] += sum(int((b["src"] != PAD).sum()) for b in micro)
-        bar.update(1)
-        if state.step % t.log_every == 0:
-            _log_window(window, state, lr, bar, log_file)
-        at_end = state.step >= t.max_steps
-        if state.step % t.valid_every == 0 or at_end:
-            stop = _validate_and_save(model, optimizer, translator, data, cfg, state, run_dir, autocast, log_file)
-        if at_end and stop is None:
-            stop = f"reached max_steps {t.max_steps}"
-    if state.step and (not state.history or state.history[-1]["step"] != state.step):
-        _validate_and_save(model, optimizer, translator, data, cfg, state, run_dir, autocast, log_file)
+    if state.step != validated_at:  # stopped between validations (max_epochs)
+        _validate_and_save(run, state, log_file)
     bar.close()
-    log_file.close()
+    if log_file:
+        log_file.close()
     log.info("stopped at step %d: %s; best valid BLEU %.2f", state.step, stop, state.best_bleu or 0.0)
 
 
-def _log_window(window: dict, state: TrainState, lr: float, bar, log_file) -> None:
-    elapsed = max(time.time() - window["time"], 1e-9)
-    tokens = window["tokens"]
-    record = {"step": state.step, "epoch": state.epoch + 1, "loss": float(window["loss"]) / tokens,
-              "nll": float(window["nll"]) / tokens, "lr": lr, "tgt_tokens_per_s": tokens / elapsed,
-              "tokens_per_s": (tokens + window["src_tokens"]) / elapsed}
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
+def _log_window(window: _Window, state: TrainState, lr: float, bar, log_file, ranks: Dist,
+                bad_run: torch.Tensor) -> None:
+    record, window_steps = window.record(state, lr, ranks), window.steps
+    window.reset()
+    if record["skipped_steps"]:
+        log.warning("step %d: %d of the last %d updates skipped for a non-finite gradient norm",
+                    state.step, record["skipped_steps"], window_steps)
+    if int(bad_run) >= MAX_BAD_STEPS:
+        raise UserError(f"training diverged: {int(bad_run)} non-finite steps in a row; lower train.lr_factor")
+    if log_file:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tgt_tokens_per_s']:.0f}")
-    window.update(loss=0.0, nll=0.0, tokens=0, src_tokens=0, time=time.time())
 
 
-def _validate_and_save(model, optimizer, translator, data, cfg: RunConfig, state: TrainState,
-                       run_dir: Path, autocast, log_file) -> str | None:
-    """Validate, write step/best checkpoints and curves; returns a reason to stop, or None."""
-    metrics = validate(model, translator, data, cfg, autocast)
+def _validate_and_save(run: Run, state: TrainState, log_file) -> str | None:
+    """Rank 0 validates, writes step/best checkpoints and curves; returns a reason to stop, or None."""
+    stop = None
+    if run.ranks.main:
+        stop = _validate_and_save_main(run, state, log_file)
+    _barrier(run.ranks)
+    return _broadcast(stop, run.ranks)
+
+
+def _validate_and_save_main(run: Run, state: TrainState, log_file) -> str | None:
+    metrics = validate(run.model, run.translator, run.data, run.cfg, run.autocast, state.max_tokens)
     record = {"step": state.step, "epoch": state.epoch + 1, **metrics}
     state.history.append(record)
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
     tqdm.write(f"step {state.step}: valid loss {metrics['valid_loss']:.3f}, "
                f"ppl {metrics['valid_ppl']:.2f}, BLEU {metrics['valid_bleu']:.2f}", file=sys.stderr)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run.run_dir / "checkpoints"
     improved = state.best_bleu is None or metrics["valid_bleu"] > state.best_bleu
     if improved:
         state.best_bleu, state.bad_validations = metrics["valid_bleu"], 0
     else:
         state.bad_validations += 1
-    save_checkpoint(_checkpoint(model, optimizer, cfg, data, state), ckpt_dir / f"step_{state.step:08d}.pt")
+    save_checkpoint(_checkpoint(run, state), ckpt_dir / f"step_{state.step:08d}.pt")
     if improved:
-        save_checkpoint(_checkpoint(model, optimizer, cfg, data, state, with_train_state=False), ckpt_dir / BEST)
-    prune(ckpt_dir, cfg.train.keep_last)
-    plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
-    patience = cfg.train.patience
+        save_checkpoint(_checkpoint(run, state, with_train_state=False), ckpt_dir / BEST)
+    prune(ckpt_dir, run.cfg.train.keep_last)
+    plot_curves(run.run_dir / "log.jsonl", run.run_dir / "curves.png")
+    patience = run.cfg.train.patience
     if patience is not None and state.bad_validations >= patience:
         return f"no BLEU improvement in {patience} validations"
     return None

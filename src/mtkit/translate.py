@@ -16,6 +16,7 @@ from mtkit.config import DecodeConfig, config_from_dict
 from mtkit.data.batching import pad, token_batches
 from mtkit.data.corpus import normalize
 from mtkit.data.vocab import Vocab
+from mtkit.errors import UserError
 from mtkit.model import EOS, Transformer
 from mtkit.search import Hypothesis, beam_search, greedy_search
 
@@ -23,10 +24,16 @@ log = logging.getLogger("mtkit")
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """auto: CUDA when available, else CPU."""
+    """auto: CUDA when available, else CPU; cuda or cuda:N only when CUDA is there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r}: no CUDA device is available here")
+    return device
 
 
 class Translator:
