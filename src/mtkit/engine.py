@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mtkit.config import RunConfig, TrainConfig
+from mtkit.config import TrainConfig
 from mtkit.model import PAD, Transformer
 from mtkit.translate import pick_device
 
@@ -170,16 +170,16 @@ def fit_max_tokens(fits, low: int = 1024, high: int = 1 << 20) -> int:
     good = low
     while good * 2 <= high and fits(good * 2):
         good *= 2
-    step = good // 2
-    while step >= max(good // 16, 1):
+    step, resolution = good // 2, max(good // 16, 1)
+    while step >= resolution:
         if good + step <= high and fits(good + step):
             good += step
         step //= 2
     return good
 
 
-def probe_max_tokens(model: Transformer, cfg: RunConfig, device: torch.device, longest: int,
-                     autocast: ComputeContext, vocab_size: int) -> int:
+def probe_max_tokens(model: Transformer, device: torch.device, longest: int, autocast: ComputeContext,
+                     vocab_size: int) -> int:
     """train.max_tokens auto: on CUDA, the largest budget whose worst-case batch (all sentences of
     the longest length) survives forward and backward, with a 10% margin; on CPU a fixed 4096."""
     if device.type != "cuda":

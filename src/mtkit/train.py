@@ -261,7 +261,7 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     state = _restore(model, optimizer, cfg, run_dir, force, ranks.main) if resume else TrainState()
     if state.max_tokens is None:  # resolved once per run, so resume rebuilds the same batches
         longest = int(max(a.lengths.max() for a in data.split("train"))) + 1
-        state.max_tokens = (probe_max_tokens(model, cfg, device, longest, autocast, data.vocab.src_size)
+        state.max_tokens = (probe_max_tokens(model, device, longest, autocast, data.vocab.src_size)
                             if t.max_tokens == "auto" else t.max_tokens)
         state.max_tokens = _broadcast(state.max_tokens, ranks)
     if ranks.rank:  # each rank its own dropout masks
