@@ -18,37 +18,116 @@ from mtkit.errors import UserError
 
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 BEST, AVERAGED = "best.pt", "averaged.pt"
+TMP_SUFFIX = ".tmp"
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` atomically: a temporary file in the same directory, fsync, rename."""
+    """Write `state` to `path` atomically: a temporary file in the same directory, fsync, rename.
+
+    A failed write (disk full, file-size limit, killed) leaves `path` as it was; the temporary
+    file is removed, or, after SIGKILL, by `remove_stray_temps` at the next start.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            writer = _Writer(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:  # torch's zip writer reports a failed write as RuntimeError
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); "
+                        "the checkpoints already on disk are untouched") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
+class _Writer:
+    """A binary file for torch.save that remembers the OSError behind a failed write."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stray_temps(directory: str | Path) -> list[Path]:
+    """Delete temporary files a killed save left in `directory`; returns what was removed."""
+    stray = sorted(Path(directory).glob(f".*{TMP_SUFFIX}"))
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return stray
+
+
+def _read(path: Path) -> dict:
+    """torch's weights-only unpickler: tensors and plain data load, any other object is refused."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"model", "config", "vocab"} <= set(state):
+        raise ValueError("not an mtkit checkpoint (missing model, config or vocab)")
+    return state
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint without running any code from it (torch's weights-only unpickler)."""
+    """Load a checkpoint without running any code from it; a bad file is a one-line error that
+    names the newest loadable checkpoint beside it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, random bytes, or a pickle that wants to run code
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a loadable mtkit checkpoint ({reason[:200]})") from None
-    if not isinstance(state, dict) or not {"model", "config", "vocab"} <= set(state):
-        raise UserError(f"{path}: not an mtkit checkpoint (missing model, config or vocab)")
-    return state
+        return _read(path)
+    except Exception as exc:  # truncated, empty, random bytes, or a pickle that wants to run code
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+        good = newest_good_checkpoint(path.parent, skip=path)
+        hint = f"; newest loadable checkpoint here: {good}" if good else "; no loadable checkpoint beside it"
+        raise UserError(f"{path}: not a loadable mtkit checkpoint ({reason}){hint}") from None
+
+
+def newest_good_checkpoint(directory: Path, skip: Path | None = None) -> Path | None:
+    """The newest step checkpoint (else best, else averaged) in `directory` that loads."""
+    for candidate in [*reversed(step_checkpoints(directory)), directory / BEST, directory / AVERAGED]:
+        if candidate != skip and candidate.is_file():
+            try:
+                _read(candidate)
+                return candidate
+            except Exception:  # the next one, then
+                continue
+    return None
 
 
 def step_checkpoints(directory: str | Path) -> list[Path]:

@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -52,7 +52,7 @@ def main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warning
                         format="mtkit: %(message)s")
 
 
-def _read_input(path: Path | None, errors: str = "strict") -> list[str]:
+def _read_input(path: Path | None, errors: Literal["strict", "replace"] = "strict") -> list[str]:
     from mtkit.data.corpus import decode_lines, read_lines
 
     if path is None or str(path) == "-":
@@ -67,14 +67,20 @@ def _write_output(lines: list[str], path: Path | None) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -125,9 +131,19 @@ def translate(model: ModelOpt = None,
               output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where translations go (default: stdout).")] = None,
               beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
               nbest: Annotated[int, typer.Option("--nbest", "-n", min=1, help="Print the N best: 'index ||| translation ||| score' lines.")] = 1,
-              max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto"):
-    """Translate text line by line: exactly one output line per input line, in order."""
-    lines = _read_input(input)
+              max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto",
+              errors: Annotated[str, typer.Option("--errors", metavar="strict|replace", help=(
+                  "Invalid UTF-8 in the input: strict stops with the line number; replace translates "
+                  "it with U+FFFD and warns."))] = "strict"):
+    """Translate text line by line: exactly one output line per input line, in order.
+
+    Lines are split on \\n only (a CR, U+2028 or form feed inside a line stays in it); an empty
+    or blank line gives an empty line; a line longer than the model's limit is translated in
+    chunks (with a warning).
+    """
+    if errors not in ("strict", "replace"):
+        raise UserError(f"--errors {errors!r}: expected strict or replace")
+    lines = _read_input(input, errors)
     translator = _load_translator(model, beam, length_penalty, greedy, max_tokens, device)
     if nbest > translator.decode.beam_size:
         raise UserError(f"--nbest {nbest} exceeds the beam size {translator.decode.beam_size}")

@@ -89,7 +89,10 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
         n, V = alive.numel(), logp.size(-1)
         logp[:, PAD] = float("-inf")
         at_limit = (step + 1 >= max_len[alive]).repeat_interleave(K)
-        logp[at_limit] = torch.where(torch.arange(V, device=device) == EOS, logp[at_limit], float("-inf"))
+        # At the limit only EOS may follow, finite even where the model rules it out, so every
+        # sentence ends with hypotheses (a model that never emits EOS still gets its line).
+        logp[at_limit] = torch.where(torch.arange(V, device=device) == EOS, logp[at_limit].clamp(min=-1e4),
+                                     float("-inf"))
         cand = (scores.view(-1, 1) + logp).view(n, K * V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K)
         beam_idx, tok_idx = top_idx // V, top_idx % V

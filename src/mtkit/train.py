@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mtkit.checkpoint import BEST, load_checkpoint, prune, save_checkpoint, step_checkpoints
+from mtkit.checkpoint import BEST, load_checkpoint, prune, remove_stray_temps, save_checkpoint, step_checkpoints
 from mtkit.config import RunConfig, config_to_dict, save_config
 from mtkit.data.batching import collate, token_batches
 from mtkit.data.shards import PreparedData, TokenArray
@@ -116,10 +116,15 @@ def _collate_pairs(items: list) -> dict[str, torch.Tensor]:
 
 
 def _loader(src: TokenArray, tgt: TokenArray, batches: list[np.ndarray], device: torch.device) -> DataLoader:
-    """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA."""
+    """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA.
+
+    Its own generator: starting a loader must not draw from the global RNG that dropout uses,
+    or a resumed run would see other dropout masks than the uninterrupted one.
+    """
     cuda = device.type == "cuda"
     return DataLoader(_Pairs(src, tgt), batch_sampler=batches, collate_fn=_collate_pairs,
-                      num_workers=2 if cuda else 0, pin_memory=cuda, prefetch_factor=8 if cuda else None)
+                      num_workers=2 if cuda else 0, pin_memory=cuda, prefetch_factor=8 if cuda else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -194,9 +199,9 @@ def _setup_run_dir(cfg: RunConfig, resume: bool, force: bool) -> Path:
                             "or --force to start over")
         shutil.rmtree(ckpt_dir)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
-    for stray in ckpt_dir.glob(".*.tmp"):  # left by a save that was killed half-way
-        stray.unlink()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stray in remove_stray_temps(ckpt_dir):  # left by a save that was killed half-way
+        log.warning("removed %s, left by an interrupted checkpoint save", stray)
     return run_dir
 
 
@@ -210,7 +215,11 @@ def _restore(model, optimizer, cfg: RunConfig, run_dir: Path, force: bool, main:
     if changed and not force:
         raise UserError(f"{steps[-1]}: config differs from the run being resumed in {', '.join(changed)}; "
                         "pass --force to resume anyway")
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # --force past a change of architecture
+        raise UserError(f"{steps[-1]}: its weights do not fit the model of this config "
+                        f"({str(exc).splitlines()[-1].strip()[:160]})") from None
     ts = ckpt["train_state"]
     optimizer.load_state_dict(ts["optimizer"])
     torch.set_rng_state(ts["torch_rng"])
@@ -218,10 +227,18 @@ def _restore(model, optimizer, cfg: RunConfig, run_dir: Path, force: bool, main:
                        ts["bad_validations"], ts.get("max_tokens"), ts["history"])
     log_path = run_dir / "log.jsonl"
     if main and log_path.exists():  # forget what was logged after the checkpoint: those steps run again
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
+        kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= state.step]
         log_path.write_text("".join(f"{line}\n" for line in kept))
     log.info("resumed from %s at step %d (epoch %d)", steps[-1], state.step, state.epoch + 1)
     return state
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _barrier(ranks: Dist) -> None:
@@ -320,15 +337,28 @@ class _Window:
 
 
 def _loop(run: Run, state: TrainState) -> None:
-    """The training loop proper: steps, logging, validation, checkpoints, stopping."""
+    """The training loop with its progress bar and log file, closed however it ends."""
+    t, main = run.cfg.train, run.ranks.main
+    log_file = open(run.run_dir / "log.jsonl", "a", encoding="utf-8") if main else None
+    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not main)
+    try:
+        stop = _steps(run, state, bar, log_file)
+    finally:
+        bar.close()  # before any error line, so it starts a line of its own
+        if log_file:
+            log_file.close()
+    log.info("stopped at step %d: %s; best valid BLEU %.2f", state.step, stop, state.best_bleu or 0.0)
+
+
+def _steps(run: Run, state: TrainState, bar: tqdm, log_file) -> str:
+    """Steps, logging, validation, checkpoints, until a reason to stop, which it returns."""
     cfg, t, ranks = run.cfg, run.cfg.train, run.ranks
     src, tgt = run.data.split("train")
     group_size = t.accum_steps * ranks.world
-    log_file = open(run.run_dir / "log.jsonl", "a", encoding="utf-8") if ranks.main else None
-    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not ranks.main)
     run.model.train()
-    window, parts, stop, lr = _Window(run.device), 1, None, 0.0
+    window, parts, lr = _Window(run.device), 1, 0.0
+    stop = f"reached max_steps {t.max_steps}" if state.step >= t.max_steps else None
     validated_at = state.step  # a resumed run restarts from a validated checkpoint
     bad_run = torch.zeros((), device=run.device)  # consecutive skipped (non-finite) steps
     while stop is None:
@@ -364,10 +394,7 @@ def _loop(run: Run, state: TrainState) -> None:
                 stop = f"reached max_epochs {t.max_epochs}"
     if state.step != validated_at:  # stopped between validations (max_epochs)
         _validate_and_save(run, state, log_file)
-    bar.close()
-    if log_file:
-        log_file.close()
-    log.info("stopped at step %d: %s; best valid BLEU %.2f", state.step, stop, state.best_bleu or 0.0)
+    return stop
 
 
 def _log_window(window: _Window, state: TrainState, lr: float, bar, log_file, ranks: Dist,
@@ -377,12 +404,12 @@ def _log_window(window: _Window, state: TrainState, lr: float, bar, log_file, ra
     if record["skipped_steps"]:
         log.warning("step %d: %d of the last %d updates skipped for a non-finite gradient norm",
                     state.step, record["skipped_steps"], window_steps)
-    if int(bad_run) >= MAX_BAD_STEPS:
-        raise UserError(f"training diverged: {int(bad_run)} non-finite steps in a row; lower train.lr_factor")
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tgt_tokens_per_s']:.0f}")
+    if int(bad_run) >= MAX_BAD_STEPS:
+        raise UserError(f"training diverged: {int(bad_run)} non-finite steps in a row; lower train.lr_factor")
 
 
 def _validate_and_save(run: Run, state: TrainState, log_file) -> str | None:
@@ -403,6 +430,11 @@ def _validate_and_save_main(run: Run, state: TrainState, log_file) -> str | None
     tqdm.write(f"step {state.step}: valid loss {metrics['valid_loss']:.3f}, "
                f"ppl {metrics['valid_ppl']:.2f}, BLEU {metrics['valid_bleu']:.2f}", file=sys.stderr)
     ckpt_dir = run.run_dir / "checkpoints"
+    bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # never write a checkpoint that cannot translate; the previous ones stay
+        kept = step_checkpoints(ckpt_dir)
+        raise UserError(f"training diverged: non-finite weights in {', '.join(bad[:3])} at step {state.step}, "
+                        f"not saved (newest checkpoint: {kept[-1] if kept else 'none'}); lower train.lr_factor")
     improved = state.best_bleu is None or metrics["valid_bleu"] > state.best_bleu
     if improved:
         state.best_bleu, state.bad_validations = metrics["valid_bleu"], 0

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mtkit.config import DataConfig
 from mtkit.errors import UserError
+
+log = logging.getLogger("mtkit")
 
 
 @dataclass
@@ -23,7 +27,7 @@ class Split:
     """Files (with sha256) or hub coordinates the pairs were read from, for the manifest."""
 
 
-def read_lines(path: str | Path, errors: str = "strict") -> list[str]:
+def read_lines(path: str | Path, errors: Literal["strict", "replace"] = "strict") -> list[str]:
     """Lines of a plain or gzipped UTF-8 file, split on '\\n' only.
 
     `datasets`' text builder opens files with universal newlines, so a lone '\\r' or U+2028 inside
@@ -41,17 +45,27 @@ def read_lines(path: str | Path, errors: str = "strict") -> list[str]:
     return decode_lines(data, str(path), errors)
 
 
-def decode_lines(data: bytes, name: str, errors: str = "strict") -> list[str]:
-    """Split bytes into lines on '\\n' alone (a final newline ends the last line) and decode UTF-8."""
+def decode_lines(data: bytes, name: str, errors: Literal["strict", "replace"] = "strict") -> list[str]:
+    """Split bytes into lines on '\\n' alone (a final newline ends the last line) and decode UTF-8.
+
+    Invalid UTF-8 is an error naming the line; with errors="replace" it becomes U+FFFD and a
+    warning names how many lines and the first.
+    """
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    out = []
+    out, replaced = [], []
     for number, raw in enumerate(lines, 1):
         try:
-            out.append(raw.decode("utf-8", errors=errors).removesuffix("\r"))
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UserError(f"{name}: line {number}: invalid UTF-8 ({exc.reason})") from None
+            if errors == "strict":
+                raise UserError(f"{name}: line {number}: invalid UTF-8 ({exc.reason})") from None
+            text = raw.decode("utf-8", errors="replace")
+            replaced.append(number)
+        out.append(text.removesuffix("\r"))
+    if replaced:
+        log.warning("%s: invalid UTF-8 replaced by U+FFFD in %d line(s), first line %d", name, len(replaced), replaced[0])
     return out
 
 
