@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -60,30 +59,6 @@ def _read_input(path: Path | None, errors: Literal["strict", "replace"] = "stric
     return read_lines(path, errors)
 
 
-def _write_output(lines: list[str], path: Path | None) -> None:
-    """Write to stdout, or to a file atomically (whole or absent, never half-written)."""
-    text = "".join(f"{line}\n" for line in lines)
-    if path is None or str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @app.command()
 @_errors_to_exit
 def prepare(config: ConfigArg, set_: SetOpt = None,
@@ -108,12 +83,12 @@ def train(config: ConfigArg, set_: SetOpt = None,
 
 
 def _load_translator(model: Path | None, beam: int | None, alpha: float | None, greedy: bool,
-                     max_tokens: int | None, device: str):
+                     max_tokens: int | None, device: str, quantize: str | None = None):
     from mtkit.translate import Translator
 
     if model is None:
         raise UserError("--model/-m is required: a checkpoint file or a run directory")
-    return Translator.load(model, device, beam_size=1 if greedy else beam, length_penalty=alpha,
+    return Translator.load(model, device, quantize, beam_size=1 if greedy else beam, length_penalty=alpha,
                            max_tokens=max_tokens)
 
 
@@ -127,32 +102,42 @@ DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]",
 @app.command()
 @_errors_to_exit
 def translate(model: ModelOpt = None,
-              input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Source text, one sentence per line (default: stdin).")] = None,
-              output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where translations go (default: stdout).")] = None,
+              input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Source text, one sentence per line, plain or .gz (default: stdin).")] = None,
+              output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where translations go (default: stdout; a file is written whole or not at all).")] = None,
               beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
               nbest: Annotated[int, typer.Option("--nbest", "-n", min=1, help="Print the N best: 'index ||| translation ||| score' lines.")] = 1,
               max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto",
+              quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Dynamic int8 quantisation of the linear layers (CPU).")] = None,
+              window: Annotated[int, typer.Option("--window", min=1, help="Lines read, sorted and translated at a time: output starts after the first window and memory stays bounded on an endless pipe.")] = 1000,
+              attention: Annotated[Optional[Path], typer.Option("--attention", metavar="DIR", help="Write DIR/NNNNNN.png per line: encoder-decoder attention heatmap (subwords on the axes).")] = None,
+              alignment: Annotated[Optional[Path], typer.Option("--alignment", metavar="FILE", help="Write the hard alignment (argmax of the attention) per line to FILE, Pharaoh format 'src-tgt' over subwords.")] = None,
+              layer: Annotated[int, typer.Option("--layer", help="Decoder layer for --attention/--alignment (-1: the last).")] = -1,
+              head: Annotated[Optional[int], typer.Option("--head", min=0, help="One attention head for --attention/--alignment (default: the mean of all heads).")] = None,
               errors: Annotated[str, typer.Option("--errors", metavar="strict|replace", help=(
                   "Invalid UTF-8 in the input: strict stops with the line number; replace translates "
                   "it with U+FFFD and warns."))] = "strict"):
     """Translate text line by line: exactly one output line per input line, in order.
 
     Lines are split on \\n only (a CR, U+2028 or form feed inside a line stays in it); an empty
-    or blank line gives an empty line; a line longer than the model's limit is translated in
-    chunks (with a warning).
+    or blank line gives an empty line; a line longer than the model's limit is cut at
+    punctuation (else at the limit), translated in pieces and joined, with a warning.
     """
+    from mtkit.data.corpus import stream_lines
+    from mtkit.translate import Outputs, translate_to
+
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors {errors!r}: expected strict or replace")
-    lines = _read_input(input, errors)
-    translator = _load_translator(model, beam, length_penalty, greedy, max_tokens, device)
+    if quantize not in (None, "int8"):
+        raise UserError(f"--quantize {quantize!r}: only int8 is supported")
+    lines = stream_lines(input, errors)
+    translator = _load_translator(model, beam, length_penalty, greedy, max_tokens, device, quantize)
     if nbest > translator.decode.beam_size:
         raise UserError(f"--nbest {nbest} exceeds the beam size {translator.decode.beam_size}")
-    if nbest == 1:
-        out = translator.translate(lines)
-    else:
-        out = [f"{i} ||| {text} ||| {s:.4f}" for i, hyps in enumerate(translator.translate_nbest(lines, nbest))
-               for text, s in hyps]
-    _write_output(out, output)
+    if not -len(translator.model.decoder) <= layer < len(translator.model.decoder):
+        raise UserError(f"--layer {layer}: the model has {len(translator.model.decoder)} decoder layers")
+    if head is not None and head >= translator.model.cfg.n_heads:
+        raise UserError(f"--head {head}: the model has {translator.model.cfg.n_heads} heads")
+    translate_to(translator, lines, Outputs(output, nbest, window, attention, alignment, layer, head))
 
 
 @app.command()
@@ -206,6 +191,26 @@ def average(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run
     target = output or ckpt_dir / AVERAGED
     save_checkpoint(average_checkpoints(chosen), target)
     log.info("averaged %s -> %s", ", ".join(p.name for p in chosen), target)
+
+
+@app.command()
+@_errors_to_exit
+def export(out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory to write the converted model to.")],
+           model: ModelOpt = None,
+           format: Annotated[str, typer.Option("--format", "-f", metavar="ctranslate2", help="Target engine.")] = "ctranslate2",
+           quantization: Annotated[Optional[str], typer.Option("--quantization", metavar="int8|int8_float32|float16|...", help="CTranslate2 weight type (default: as trained, fp32).")] = None,
+           force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False):
+    """Convert a checkpoint for CTranslate2 (pip install "mtkit[ct2]"): weights, vocabulary and
+    SentencePiece models in OUT, ready for ctranslate2.Translator."""
+    from mtkit.checkpoint import resolve_model
+    from mtkit.export import export_ctranslate2
+
+    if format != "ctranslate2":
+        raise UserError(f"--format {format!r}: only ctranslate2 is supported")
+    if model is None:
+        raise UserError("--model/-m is required: a checkpoint file or a run directory")
+    written = export_ctranslate2(resolve_model(model), out, quantization, force)
+    log.info("exported %s -> %s", model, written)
 
 
 def run() -> None:

@@ -63,11 +63,25 @@ class MultiHeadAttention(nn.Module):
         """Keys and values of `memory`, computed once per source for cross-attention."""
         return self.split(self.k(memory)), self.split(self.v(memory))
 
+    def weights(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Equation 1's softmax(Q K^T / sqrt(d_k)), (B, H, Lq, Lk): for pictures; forward uses SDPA."""
+        scores = self.split(self.q(x)) @ kv[0].transpose(-1, -2) / math.sqrt(self.d_k)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1)
+
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         q = self.split(self.q(x))  # (B, H, Lq, d_k)
+        B, H, Lq, d_k = q.shape
+        group = B // kv[0].size(0)  # > 1 in beam search: the K hypotheses of a sentence share its source
+        if group > 1:  # their queries attend together to one copy of the keys: (B / K, H, K * Lq, d_k)
+            q = q.view(-1, group, H, Lq, d_k).transpose(1, 2).reshape(-1, H, group * Lq, d_k)
         p = self.p_attn if self.training else 0.0
         y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p, is_causal=causal)
+        if group > 1:
+            y = y.view(-1, H, group, Lq, d_k).transpose(1, 2).reshape(B, H, Lq, d_k)
         return self.out(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
 
 

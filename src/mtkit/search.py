@@ -22,20 +22,23 @@ def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | f
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _start(model: Transformer, src: torch.Tensor, repeat: int):
-    """Encode once, repeat each sentence `repeat` times, project encoder keys/values once."""
+def _start(model: Transformer, src: torch.Tensor):
+    """Encode once and project the encoder keys/values once per sentence (not per hypothesis:
+    the model's cross-attention lets a sentence's hypotheses share them)."""
     memory, mask = model.encode(src)
-    memory, mask = memory.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
     return model.cross_kv(memory), mask, [{} for _ in model.decoder]
 
 
-def _reorder(cross: list, mask: torch.Tensor, cache: list[dict], index: torch.Tensor):
-    """Keep rows `index` of every per-hypothesis tensor (beam reordering, dropping finished)."""
-    cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cross]
+def _reorder_cache(cache: list[dict], index: torch.Tensor) -> None:
+    """Keep rows `index` of every layer's self-attention keys/values (beam reordering)."""
     for layer in cache:
         for key in layer:
             layer[key] = layer[key].index_select(0, index)
-    return cross, mask.index_select(0, index)
+
+
+def _drop_sentences(cross: list, mask: torch.Tensor, keep: torch.Tensor):
+    """The encoder keys/values and mask of the sentences still decoding."""
+    return [(k[keep], v[keep]) for k, v in cross], mask[keep]
 
 
 def _max_lengths(src: torch.Tensor, offset: int, limit: int) -> torch.Tensor:
@@ -43,10 +46,10 @@ def _max_lengths(src: torch.Tensor, offset: int, limit: int) -> torch.Tensor:
     return ((src != PAD).sum(1) + offset).clamp(max=limit - 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_search(model: Transformer, src: torch.Tensor, max_len_offset: int = 50) -> list[list[int]]:
     """Most probable next token at each step; one token list per source row."""
-    cross, mask, cache = _start(model, src, 1)
+    cross, mask, cache = _start(model, src)
     max_len = _max_lengths(src, max_len_offset, model.cfg.max_positions)
     batch = src.size(0)
     tokens = torch.full((batch, 1), BOS, dtype=torch.long, device=src.device)
@@ -67,7 +70,7 @@ def greedy_search(model: Transformer, src: torch.Tensor, max_len_offset: int = 5
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha: float = 0.6,
                 max_len_offset: int = 50, nbest: int = 1) -> list[list[Hypothesis]]:
     """Batched beam search; the beams of all sentences live in one (B * K) batch.
@@ -77,7 +80,7 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
     With K = 1 this is greedy search.
     """
     B, K, device = src.size(0), beam_size, src.device
-    cross, mask, cache = _start(model, src, K)
+    cross, mask, cache = _start(model, src)
     max_len = _max_lengths(src, max_len_offset, model.cfg.max_positions)  # (B,)
     alive = torch.arange(B, device=device)  # original sentence index of each row group
     tokens = torch.full((B * K, 1), BOS, dtype=torch.long, device=device)
@@ -116,6 +119,8 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
             break
         rows = (keep.nonzero().view(-1, 1) * K + torch.arange(K, device=device)).view(-1)
         full = src_rows.index_select(0, rows)  # cache rows each surviving hypothesis came from
-        cross, mask = _reorder(cross, mask, cache, full)
+        _reorder_cache(cache, full)
+        if not bool(keep.all()):
+            cross, mask = _drop_sentences(cross, mask, keep)
         tokens, scores, alive = tokens.index_select(0, rows), cont_scores[keep], alive[keep]
     return [sorted(h, key=lambda x: -x.score)[:nbest] for h in finished]

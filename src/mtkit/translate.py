@@ -1,15 +1,26 @@
 """Lines in -> subwords -> length-sorted batches -> search -> lines out, in input order.
 
-`Translator` is also the Python API: load a model once, translate lists of strings.
+`Translator` is also the Python API: load a model once, translate lists of strings, or stream an
+endless iterable of lines through a bounded window.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
+from typing import Literal, TextIO
 
 import torch
+from torch import nn
 
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import DecodeConfig, config_from_dict
@@ -17,10 +28,13 @@ from mtkit.data.batching import pad, token_batches
 from mtkit.data.corpus import normalize
 from mtkit.data.vocab import Vocab
 from mtkit.errors import UserError
-from mtkit.model import EOS, Transformer
+from mtkit.model import BOS, EOS, Transformer
 from mtkit.search import Hypothesis, beam_search, greedy_search
 
 log = logging.getLogger("mtkit")
+
+# Where an overlong line may be cut: after sentence-internal punctuation followed by a space.
+CUT_POINTS = re.compile(r"(?<=[.!?;:,。！？；])\s+")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -36,6 +50,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def quantize_int8(model: Transformer) -> Transformer:
+    """Dynamic int8 quantisation of every nn.Linear (weights int8, activations quantised per
+    batch), CPU only. The tied output projection stays fp32 (it is the embedding matrix)."""
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+@dataclass
+class Translation:
+    """One input line's result: n-best (text, score) pairs, and its subwords for attention output."""
+
+    nbest: list[tuple[str, float]]
+    src_ids: list[int]
+    tgt_ids: list[int]
+
+
 class Translator:
     """A loaded model with its vocabulary and decoding settings."""
 
@@ -43,7 +74,8 @@ class Translator:
         self.model, self.vocab, self.decode, self.device = model.eval(), vocab, decode, device
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", **overrides) -> "Translator":
+    def load(cls, path: str | Path, device: str = "auto", quantize: Literal["int8"] | None = None,
+             **overrides) -> "Translator":
         """From a checkpoint file or run directory; `overrides` replace DecodeConfig fields."""
         ckpt = resolve_model(path)
         state = load_checkpoint(ckpt)
@@ -52,15 +84,31 @@ class Translator:
         model = Transformer(cfg.model, vocab.src_size, vocab.tgt_size)
         model.load_state_dict(state["model"])
         dev = pick_device(device)
+        if quantize == "int8":
+            if dev.type != "cpu":
+                raise UserError("--quantize int8 is for CPU decoding; on CUDA mtkit decodes in bf16")
+            model = quantize_int8(model)
         decode = replace(cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
-        log.info("loaded %s (step %s) on %s", ckpt, state.get("step"), dev)
+        log.info("loaded %s (step %s) on %s%s", ckpt, state.get("step"), dev, ", int8" if quantize else "")
         return cls(model.to(dev), vocab, decode, dev)
 
-    def _chunks(self, ids: list[int]) -> list[list[int]]:
-        """Split a source longer than the model's positions into pieces it can read."""
-        limit = self.model.cfg.max_positions - 1 - self.decode.max_len_offset  # room for EOS and output
-        limit = max(limit, 1)
-        return [ids[i : i + limit] for i in range(0, len(ids), limit)] or [[]]
+    @property
+    def source_limit(self) -> int:
+        """Longest source (subwords, EOS excluded) the model reads with room for its output."""
+        return max(self.model.cfg.max_positions - 1 - self.decode.max_len_offset, 1)
+
+    def _pieces(self, text: str, ids: list[int]) -> list[list[int]]:
+        """A line as the sources the model reads: whole, or cut at punctuation, else at the limit."""
+        limit = self.source_limit
+        if len(ids) <= limit:
+            return [ids]
+        parts: list[list[int]] = []
+        for segment in self.vocab.encode_src(CUT_POINTS.split(text)):
+            if parts and len(parts[-1]) + len(segment) <= limit:
+                parts[-1] = parts[-1] + segment  # join short segments back up to the limit
+            else:
+                parts.extend(segment[i : i + limit] for i in range(0, len(segment), limit))
+        return parts
 
     def _search(self, src: torch.Tensor, nbest: int) -> list[list[Hypothesis]]:
         d = self.decode
@@ -70,42 +118,141 @@ class Translator:
                 return [[Hypothesis(t, 0.0)] for t in greedy_search(self.model, src, d.max_len_offset)]
             return beam_search(self.model, src, d.beam_size, d.length_penalty, d.max_len_offset, nbest)
 
-    def translate_nbest(self, lines: list[str], nbest: int = 1) -> list[list[tuple[str, float]]]:
-        """Up to `nbest` (translation, score) pairs per input line, in input order."""
+    def run(self, lines: list[str], nbest: int = 1) -> list[Translation]:
+        """Translate a list of lines (sorted by length into token-budget batches), in input order."""
         if nbest > self.decode.beam_size:
             raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({self.decode.beam_size})")
         texts = [normalize(line) for line in lines]
-        pieces: list[list[int]] = []  # every chunk of every line
-        owner: list[int] = []
+        sources, owner = [], []  # every piece of every non-empty line, and its line
         for i, ids in enumerate(self.vocab.encode_src(texts)):
             if not texts[i]:
                 continue  # an empty line translates to an empty line
-            chunks = self._chunks(ids)
-            if len(chunks) > 1:
-                log.warning("line %d: %d subwords exceed the model's limit; translating %d chunks",
-                            i + 1, len(ids), len(chunks))
-            pieces.extend(chunks)
-            owner.extend([i] * len(chunks))
-        results: list[list[Hypothesis]] = [[] for _ in pieces]
-        lengths = [len(p) for p in pieces]
+            parts = self._pieces(texts[i], ids)
+            if len(parts) > 1:
+                log.warning("line %d: %d subwords exceed the model's limit of %d; translating %d pieces",
+                            i + 1, len(ids), self.source_limit, len(parts))
+            sources.extend(parts)
+            owner.extend([i] * len(parts))
+        found: list[list[Hypothesis]] = [[] for _ in sources]
+        lengths = [len(s) for s in sources]
         budget = max(1, self.decode.max_tokens // self.decode.beam_size)
         for batch in token_batches(lengths, lengths, budget):
-            src = pad([pieces[j] for j in batch], suffix=EOS).to(self.device)
+            src = pad([sources[j] for j in batch], suffix=EOS).to(self.device)
             for j, hyps in zip(batch, self._search(src, nbest)):
-                results[j] = hyps
-        out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
-        joined: dict[int, list[list[Hypothesis]]] = {}
+                found[j] = hyps
+        return self._join(len(lines), sources, owner, found)
+
+    def _join(self, n_lines: int, sources: list, owner: list[int], found: list) -> list[Translation]:
+        """Per line: its n-best list, or the best of each piece joined with spaces."""
+        out = [Translation([("", 0.0)], [], []) for _ in range(n_lines)]
+        pieces: dict[int, list[int]] = {}
         for j, i in enumerate(owner):
-            joined.setdefault(i, []).append(results[j])
-        for i, parts in joined.items():
-            if len(parts) == 1:
-                hyps = parts[0]
-                out[i] = list(zip(self.vocab.decode_tgt([h.tokens for h in hyps]), [h.score for h in hyps]))
-            else:  # chunks: join the best translation of each
-                text = " ".join(self.vocab.decode_tgt([p[0].tokens for p in parts]))
-                out[i] = [(text, sum(p[0].score for p in parts))]
+            pieces.setdefault(i, []).append(j)
+        for i, js in pieces.items():
+            src_ids = [t for j in js for t in sources[j]]
+            if len(js) == 1:
+                hyps = found[js[0]]
+                texts = self.vocab.decode_tgt([h.tokens for h in hyps])
+                out[i] = Translation(list(zip(texts, [h.score for h in hyps])), src_ids, hyps[0].tokens)
+            else:
+                best = [found[j][0] for j in js]
+                text = " ".join(self.vocab.decode_tgt([h.tokens for h in best]))
+                out[i] = Translation([(text, sum(h.score for h in best))], src_ids,
+                                     [t for h in best for t in h.tokens])
         return out
+
+    def translate_nbest(self, lines: list[str], nbest: int = 1) -> list[list[tuple[str, float]]]:
+        """Up to `nbest` (translation, score) pairs per input line, in input order."""
+        return [t.nbest for t in self.run(lines, nbest)]
 
     def translate(self, lines: list[str]) -> list[str]:
         """One translation per input line, in input order; empty lines stay empty."""
-        return [hyps[0][0] for hyps in self.translate_nbest(lines, 1)]
+        return [t.nbest[0][0] for t in self.run(lines, 1)]
+
+    def stream(self, lines: Iterable[str], window: int = 1000, nbest: int = 1) -> Iterator[Translation]:
+        """Translate an iterable of any length `window` lines at a time: output starts after the
+        first window, memory stays bounded, and order is kept."""
+        it = iter(lines)
+        while chunk := list(islice(it, window)):
+            yield from self.run(chunk, nbest)
+
+    @torch.no_grad()
+    def cross_attention(self, src_ids: list[int], tgt_ids: list[int], layer: int = -1,
+                        head: int | None = None) -> torch.Tensor:
+        """Encoder-decoder attention (T + 1, S + 1) of one translation (EOS on both sides):
+        teacher-forced, of one decoder layer, averaged over heads unless `head` is given."""
+        src = torch.tensor([src_ids + [EOS]], device=self.device)
+        tgt_in = torch.tensor([[BOS] + tgt_ids], device=self.device)
+        module = self.model.decoder[layer].cross_attn
+        seen = {}
+        hook = module.register_forward_hook(lambda m, args, out: seen.update(w=m.weights(*args)))
+        try:
+            self.model(src, tgt_in)
+        finally:
+            hook.remove()
+        weights = seen["w"][0]  # (H, T + 1, S + 1)
+        return (weights.mean(0) if head is None else weights[head]).float().cpu()
+
+
+@dataclass
+class Outputs:
+    """Where `translate_to` writes: translations (stdout when None), n-best size, the streaming
+    window, and optional attention pictures and hard alignments."""
+
+    output: Path | None = None
+    nbest: int = 1
+    window: int = 1000
+    attention_dir: Path | None = None
+    alignment: Path | None = None
+    layer: int = -1
+    head: int | None = None
+
+
+@contextmanager
+def _atomic_text(path: Path | None) -> Iterator[TextIO]:
+    """stdout as is; a file through a temporary sibling renamed at the end (whole or absent)."""
+    if path is None or str(path) == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def translate_to(translator: Translator, lines: Iterable[str], out: Outputs) -> int:
+    """Stream `lines` through the translator into `out`, window by window; returns the line count."""
+    from mtkit.attention import hard_alignment, pharaoh, save_heatmap
+
+    if out.attention_dir is not None:
+        out.attention_dir.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with _atomic_text(out.output) as text, ExitStack() as stack:
+        align = stack.enter_context(_atomic_text(out.alignment)) if out.alignment else None
+        for result in translator.stream(lines, out.window, out.nbest):
+            count += 1
+            if out.nbest == 1:
+                text.write(result.nbest[0][0] + "\n")
+            else:
+                text.writelines(f"{count - 1} ||| {t} ||| {s:.4f}\n" for t, s in result.nbest)
+            if align is None and out.attention_dir is None:
+                continue
+            weights = translator.cross_attention(result.src_ids, result.tgt_ids, out.layer, out.head)
+            if align is not None:
+                align.write(pharaoh(hard_alignment(weights)) + "\n")
+            if out.attention_dir is not None and result.src_ids:
+                save_heatmap(weights, translator.vocab.src_pieces_of(result.src_ids),
+                             translator.vocab.tgt_pieces_of(result.tgt_ids),
+                             out.attention_dir / f"{count:06d}.png", f"line {count}: {result.nbest[0][0]}")
+            if count % out.window == 0:
+                text.flush()
+    return count

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from collections.abc import Iterator
+from typing import BinaryIO, Literal
 
 from mtkit.config import DataConfig
 from mtkit.errors import UserError
@@ -45,28 +48,53 @@ def read_lines(path: str | Path, errors: Literal["strict", "replace"] = "strict"
     return decode_lines(data, str(path), errors)
 
 
+def stream_lines(path: str | Path | None, errors: Literal["strict", "replace"] = "strict") -> Iterator[str]:
+    """Lines of a file (plain or .gz) or of stdin (None or '-'), read lazily; a missing or
+    unreadable file is an error before the first line."""
+    if path is None or str(path) == "-":
+        return iter_lines(sys.stdin.buffer, "<stdin>", errors)
+    path = Path(path)
+    try:
+        stream = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        stream.peek(1)  # a directory or unreadable file fails here, not half-way
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return _closing(iter_lines(stream, str(path), errors), stream)
+
+
+def _closing(lines: Iterator[str], stream: BinaryIO) -> Iterator[str]:
+    with stream:
+        yield from lines
+
+
 def decode_lines(data: bytes, name: str, errors: Literal["strict", "replace"] = "strict") -> list[str]:
-    """Split bytes into lines on '\\n' alone (a final newline ends the last line) and decode UTF-8.
+    """Split bytes into lines on '\\n' alone (a final newline ends the last line) and decode UTF-8."""
+    return list(iter_lines(io.BytesIO(data), name, errors))
+
+
+def iter_lines(stream: BinaryIO, name: str, errors: Literal["strict", "replace"] = "strict") -> Iterator[str]:
+    """Lines of a binary stream, split on '\\n' alone (a CR before it is dropped), decoded lazily.
 
     Invalid UTF-8 is an error naming the line; with errors="replace" it becomes U+FFFD and a
     warning names how many lines and the first.
     """
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out, replaced = [], []
-    for number, raw in enumerate(lines, 1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if errors == "strict":
-                raise UserError(f"{name}: line {number}: invalid UTF-8 ({exc.reason})") from None
-            text = raw.decode("utf-8", errors="replace")
-            replaced.append(number)
-        out.append(text.removesuffix("\r"))
-    if replaced:
-        log.warning("%s: invalid UTF-8 replaced by U+FFFD in %d line(s), first line %d", name, len(replaced), replaced[0])
-    return out
+    replaced = []
+    try:
+        for number, raw in enumerate(stream, 1):  # binary iteration splits on b"\n" only
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if errors == "strict":
+                    raise UserError(f"{name}: line {number}: invalid UTF-8 ({exc.reason})") from None
+                replaced.append(number)
+                yield raw.decode("utf-8", errors="replace")
+    finally:
+        if replaced:
+            log.warning("%s: invalid UTF-8 replaced by U+FFFD in %d line(s), first line %d",
+                        name, len(replaced), replaced[0])
 
 
 def file_sha256(path: str | Path) -> str:

@@ -67,8 +67,11 @@ class Vocab:
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
         return self.tgt.decode(ids)
 
-    def src_pieces(self, line: str) -> list[str]:
-        return self.src.encode(line, out_type=str)
+    def src_pieces_of(self, ids: list[int]) -> list[str]:
+        return [self.src.id_to_piece(i) for i in ids]
+
+    def tgt_pieces_of(self, ids: list[int]) -> list[str]:
+        return [self.tgt.id_to_piece(i) for i in ids]
 
     def to_state(self) -> dict:
         """Serializable form stored in the prepared directory's manifest and in checkpoints."""

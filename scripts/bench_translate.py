@@ -1,0 +1,264 @@
+"""Translation-throughput benchmark: mtkit's Translator against CTranslate2 running the same weights
+(exported with mtkit.export), on the same file, in one invocation (GUIDE section 3).
+
+    python scripts/bench_translate.py [-m runs/quickstart] [--src FILE] [--ref FILE] [--beam 4]
+        [--length-penalty A] [--max-tokens N] [--repeats 3] [--lines N] [--threads N]
+        [--device cpu|cuda] [--out results/bench_translate.json]
+
+Prints a table on stdout, logs on stderr, writes the figures as JSON; top-level "ratio" = mtkit /
+CTranslate2 sentences/s, both in float32 (above 1 = mtkit faster), with the BLEU of each output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import inspect
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from mtkit.checkpoint import load_checkpoint, resolve_model
+from mtkit.config import config_from_dict
+from mtkit.data.vocab import Vocab
+from mtkit.errors import UserError
+from mtkit.evaluate import score
+from mtkit.export import ct2_translate, export_ctranslate2, load_ct2
+from mtkit.translate import Translator
+
+log = logging.getLogger("bench_translate")
+
+DEFAULT_MODEL = "runs/quickstart"
+DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))
+WARMUP_LINES = 100
+NOTES = [
+    ("Both systems get the same lines, beam size, length-penalty alpha, token budget per batch "
+     "(mtkit: decode.max_tokens // beam padded source tokens; CTranslate2: batch_type tokens, "
+     "max_batch_size = the same number) and threads (torch threads = CTranslate2 intra_threads, inter_threads 1)."),
+    ("Length penalty: mtkit divides by ((5 + length) / 6) ** alpha (Wu et al. 2016), CTranslate2 by "
+     "length ** alpha; the same alpha is passed to both, so beam outputs may differ (greedy ones do not)."),
+    ("Length limit: mtkit source + decode.max_len_offset per sentence; CTranslate2 one limit per call, "
+     "outputs cut to mtkit's per-sentence limit by mtkit.export.ct2_translate."),
+    ("Timed: text in -> text out (SentencePiece, batching, search, detokenization); model loading "
+     "and the CTranslate2 export are not timed. Target tokens = SentencePiece pieces of the output."),
+]
+
+
+@dataclass
+class System:
+    """One side of the comparison: a name and a function from lines to translations."""
+
+    name: str
+    translate: Callable[[list[str]], list[str]]
+    settings: dict
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"checkpoint or run directory (default {DEFAULT_MODEL})")
+    p.add_argument("--src", type=Path, default=DATA / "test_2016_flickr.de.gz",
+                   help="source file, plain or .gz (default $MTKIT_DATA/test_2016_flickr.de.gz)")
+    p.add_argument("--ref", type=Path, default=DATA / "test_2016_flickr.en.gz",
+                   help="reference file, plain or .gz (default $MTKIT_DATA/test_2016_flickr.en.gz)")
+    p.add_argument("--beam", type=int, default=4, help="beam size for both systems (default 4)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="alpha for both systems (default the checkpoint's decode.length_penalty)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="mtkit's token budget per batch, source tokens x beam (default decode.max_tokens)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per system, alternated (default 3)")
+    p.add_argument("--lines", type=int, default=None, help="translate only the first N lines")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default torch's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both run (default cpu)")
+    p.add_argument("--out", type=Path, default=Path("results/bench_translate.json"), help="JSON result file")
+    args = p.parse_args(argv)
+    for name in ("beam", "repeats", "lines", "threads", "max_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def read_lines(path: Path, limit: int | None) -> list[str]:
+    """Lines of a plain or gzipped UTF-8 file, without newlines; the first `limit` if given."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+    return lines[:limit]
+
+
+def build_systems(args: argparse.Namespace, model: Path, ct2_dir: Path, decode: dict) -> tuple[list[System], list[str]]:
+    """mtkit fp32 (and int8 if Translator.load takes `quantize`), CTranslate2 float32 and int8."""
+    settings = {"beam_size": args.beam, "length_penalty": decode["length_penalty"], "max_tokens": decode["max_tokens"]}
+    systems, skipped = [], []
+    fp32 = Translator.load(model, args.device, **settings)
+    systems.append(System("mtkit fp32", fp32.translate, {**settings, "precision": "fp32"}))
+    if "quantize" in inspect.signature(Translator.load).parameters:
+        int8 = Translator.load(model, args.device, quantize="int8", **settings)
+        systems.append(System("mtkit int8", int8.translate, {**settings, "quantize": "int8"}))
+    else:
+        skipped.append("mtkit int8: Translator.load has no `quantize` parameter")
+    for compute_type in ("float32", "int8"):
+        ct2 = load_ct2(ct2_dir, args.device, compute_type, threads=args.threads)
+        run = partial(ct2_translate, ct2, beam_size=args.beam, length_penalty=settings["length_penalty"],
+                      max_tokens=settings["max_tokens"], max_len_offset=decode["max_len_offset"])
+        systems.append(System(f"ct2 {compute_type}", run, {**settings, "compute_type": compute_type,
+                                                           "intra_threads": args.threads, "inter_threads": 1}))
+    return systems, skipped
+
+
+def benchmark(systems: list[System], lines: list[str], repeats: int) -> tuple[dict, dict]:
+    """Warm up every system, then time them alternately (A B C A B C ...) over all lines."""
+    for system in systems:
+        log.info("warming up %s on %d lines", system.name, min(WARMUP_LINES, len(lines)))
+        system.translate(lines[:WARMUP_LINES])
+    seconds: dict[str, list[float]] = {s.name: [] for s in systems}
+    outputs: dict[str, list[str]] = {}
+    for r in range(repeats):
+        for system in systems:
+            start = time.perf_counter()
+            out = system.translate(lines)
+            seconds[system.name].append(time.perf_counter() - start)
+            if system.name in outputs and outputs[system.name] != out:
+                log.warning("%s: repeat %d gave different translations", system.name, r + 1)
+            outputs[system.name] = out
+            log.info("repeat %d/%d %s: %.2f s", r + 1, repeats, system.name, seconds[system.name][-1])
+    return seconds, outputs
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(secs: list[float], out: list[str], refs: list[str], reference: list[str], pieces: Callable) -> dict:
+    """Throughput, BLEU and agreement with mtkit fp32 (`reference`) of one system."""
+    n_tokens = sum(len(p) for p in pieces(out))
+    bleu = score(out, [refs], metrics=("bleu",))
+    return {"sentences_per_s": spread([len(out) / s for s in secs]),
+            "tgt_tokens_per_s": spread([n_tokens / s for s in secs]),
+            "repeat_seconds": secs, "tgt_tokens": n_tokens, "bleu": bleu["bleu"],
+            "bleu_signature": bleu["signature"]["bleu"],
+            "identical_to_mtkit_fp32": sum(a == b for a, b in zip(out, reference)) / max(len(out), 1)}
+
+
+def machine(device: str) -> dict:
+    """CPU model and threads, or the GPU's name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def ratio(systems: dict, ours: str, peer: str) -> float | None:
+    if ours not in systems or peer not in systems:
+        return None
+    return systems[ours]["sentences_per_s"]["median"] / systems[peer]["sentences_per_s"]["median"]
+
+
+def report(result: dict) -> str:
+    """The human-readable table."""
+    s, m = result["setup"], result["machine"]
+    lines = [(f"bench_translate: {s['model']} (step {s['step']}) | {s['lines']} lines of {s['src']} | "
+              f"beam {s['beam']}, alpha {s['length_penalty']}, max_tokens {s['max_tokens']} | "
+              f"{s['repeats']} repeats, alternated"),
+             f"machine: {m.get('gpu') or m['cpu']}, {s['threads']} threads | peer: ctranslate2 {result['peer']['version']}",
+             "",
+             (f"{'system':<11} {'sent/s  med [min, max]':>26} {'tgt tok/s  med [min, max]':>29} "
+              f"{'BLEU':>6} {'= mtkit':>8}")]
+    for name, r in result["systems"].items():
+        sent, tok = r["sentences_per_s"], r["tgt_tokens_per_s"]
+        lines.append(f"{name:<11} {sent['median']:>8.1f} [{sent['min']:>6.1f}, {sent['max']:>6.1f}] "
+                     f"{tok['median']:>10.0f} [{tok['min']:>7.0f}, {tok['max']:>7.0f}] {r['bleu']:>6.2f} "
+                     f"{r['identical_to_mtkit_fp32']:>8.1%}")
+    if result["ratio"] is not None:
+        per = ", ".join(f"{x:.2f}" for x in result["ratio_per_repeat"])
+        lines.append(f"\nratio mtkit/ct2 sentences/s, fp32: {result['ratio']:.3f} (per repeat: {per}; "
+                     "above 1 = mtkit faster)")
+    if result["ratio_int8"] is not None:
+        lines.append(f"ratio mtkit/ct2 sentences/s, int8: {result['ratio_int8']:.3f}")
+    lines += [f"skipped: {x}" for x in result["skipped"]]
+    lines.append(f"BLEU: {next(iter(result['systems'].values()))['bleu_signature']}; '= mtkit': share of lines "
+                 "identical to mtkit fp32's; CTranslate2's length penalty is length ** alpha, mtkit's GNMT's")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
+    """Export, build every system, time them, and assemble the result."""
+    import ctranslate2
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    path = resolve_model(args.model)
+    state = load_checkpoint(path)
+    decode = config_from_dict(state["config"], str(path)).decode
+    decode = {"length_penalty": decode.length_penalty if args.length_penalty is None else args.length_penalty,
+              "max_tokens": args.max_tokens or decode.max_tokens, "max_len_offset": decode.max_len_offset}
+    src, refs = read_lines(args.src, args.lines), read_lines(args.ref, args.lines)
+    if len(src) != len(refs):
+        raise UserError(f"{args.src} has {len(src)} lines but {args.ref} has {len(refs)}")
+    export_ctranslate2(path, ct2_dir, force=True)
+    systems, skipped = build_systems(args, path, ct2_dir, decode)
+    seconds, outputs = benchmark(systems, src, args.repeats)
+    tgt_spm = Vocab.from_state(state["vocab"]).tgt
+    summaries = {name: summarize(seconds[name], outputs[name], refs, outputs["mtkit fp32"], tgt_spm.encode)
+                 for name in seconds}
+    per_repeat = [c / m for m, c in zip(seconds["mtkit fp32"], seconds["ct2 float32"])]
+    setup = {"model": str(args.model), "checkpoint": str(path), "step": state.get("step"), "src": str(args.src),
+             "ref": str(args.ref), "lines": len(src), "beam": args.beam, **decode, "repeats": args.repeats,
+             "warmup_lines": min(WARMUP_LINES, len(src)), "threads": args.threads, "device": args.device,
+             "settings": {s.name: s.settings for s in systems}}
+    return {"benchmark": "translate", "ratio": ratio(summaries, "mtkit fp32", "ct2 float32"),
+            "ratio_metric": "sentences/s, mtkit fp32 / ctranslate2 float32 (medians)",
+            "ratio_per_repeat": per_repeat, "ratio_int8": ratio(summaries, "mtkit int8", "ct2 int8"),
+            "peer": {"name": "ctranslate2", "version": ctranslate2.__version__},
+            "machine": machine(args.device), "setup": setup, "systems": summaries, "skipped": skipped,
+            "notes": NOTES, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="bench_translate: %(message)s")
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        print('bench_translate: error: the peer needs CTranslate2; install it with\n    pip install "mtkit[ct2]"',
+              file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="mtkit-ct2-") as tmp:
+            result = run(args, Path(tmp) / "model")
+    except UserError as exc:
+        print(f"bench_translate: error: {exc}", file=sys.stderr)
+        return 2
+    print(report(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Export to CTranslate2: an mtkit checkpoint -> a self-contained CTranslate2 model directory
+(model.bin, config.json, vocabularies, the SentencePiece model(s), mtkit_export.json), and
+`ct2_translate`, which translates lines with such a directory the way `mtkit translate` does.
+
+Decoding differences from mtkit's own search (search.py), by design of CTranslate2:
+- length penalty: CTranslate2 divides a beam score by length ** alpha; mtkit by Wu et al.'s
+  ((5 + length) / 6) ** alpha (search.length_penalty). Greedy search (beam 1) is unaffected.
+- length limit: CTranslate2's max_decoding_length is one number per call; mtkit's is per
+  sentence, source length + decode.max_len_offset. `ct2_translate` passes the largest limit of
+  the call and cuts each output to its sentence's limit: exact for greedy search, close for beam.
+- beam search: both end a sentence once beam_size hypotheses have finished, but the candidates
+  kept per step differ in detail, so beam outputs may differ where scores nearly tie.
+- long lines: mtkit translates a source longer than the model's positions in chunks;
+  CTranslate2 truncates it (max_input_length).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtkit.checkpoint import load_checkpoint, resolve_model
+from mtkit.config import DecodeConfig, config_from_dict
+from mtkit.data.corpus import normalize
+from mtkit.data.vocab import Vocab, load_processor
+from mtkit.errors import UserError
+from mtkit.model import sinusoids
+
+INSTALL = 'pip install "mtkit[ct2]"'
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
+# model.PAD, UNK, BOS, EOS under the names CTranslate2's config expects (PAD only for suppressing it).
+SPECIALS = {0: "<pad>", 1: "<unk>", 2: "<s>", 3: "</s>"}
+SOURCE_SPM, TARGET_SPM, INFO = "source.spm", "target.spm", "mtkit_export.json"
+# Everything an export writes; only these are replaced when `force` overwrites a directory.
+EXPORT_FILES = ("model.bin", "config.json", "shared_vocabulary.json", "source_vocabulary.json",
+                "target_vocabulary.json", SOURCE_SPM, TARGET_SPM, INFO)
+
+
+def _ctranslate2() -> Any:
+    """The ctranslate2 module, or a UserError that says how to install it."""
+    try:
+        import ctranslate2
+    except ImportError:
+        raise UserError(f"exporting to or translating with CTranslate2 needs ctranslate2: {INSTALL}") from None
+    return ctranslate2
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _linear(spec: Any, weights: dict, name: str) -> None:
+    """nn.Linear `name` -> a CTranslate2 LinearSpec (same (out, in) layout)."""
+    spec.weight, spec.bias = _array(weights[f"{name}.weight"]), _array(weights[f"{name}.bias"])
+
+
+def _fused(spec: Any, weights: dict, names: list[str]) -> None:
+    """Several nn.Linear stacked along the output dimension: CTranslate2's fused q|k|v or k|v."""
+    spec.weight = np.concatenate([_array(weights[f"{n}.weight"]) for n in names])
+    spec.bias = np.concatenate([_array(weights[f"{n}.bias"]) for n in names])
+
+
+def _norm(spec: Any, weights: dict, name: str) -> None:
+    spec.gamma, spec.beta = _array(weights[f"{name}.weight"]), _array(weights[f"{name}.bias"])
+
+
+def _attention(spec: Any, weights: dict, name: str, self_attention: bool) -> None:
+    """Self-attention: linear = [q|k|v, out]; cross-attention: linear = [q, k|v, out]."""
+    if self_attention:
+        _fused(spec.linear[0], weights, [f"{name}.q", f"{name}.k", f"{name}.v"])
+    else:
+        _linear(spec.linear[0], weights, f"{name}.q")
+        _fused(spec.linear[1], weights, [f"{name}.k", f"{name}.v"])
+    _linear(spec.linear[-1], weights, f"{name}.out")
+
+
+def _ffn(spec: Any, weights: dict, name: str, norm: str) -> None:
+    _linear(spec.linear_0, weights, f"{name}.w1")
+    _linear(spec.linear_1, weights, f"{name}.w2")
+    _norm(spec.layer_norm, weights, norm)
+
+
+def _fill(spec: Any, weights: dict, positions: np.ndarray, pre_norm: bool) -> None:
+    """Copy mtkit's weights into the TransformerSpec.
+
+    Each CTranslate2 sublayer owns one LayerNorm: applied before the sublayer with pre_norm,
+    after the residual sum without, which is where mtkit's Residual puts its norm either way.
+    """
+    enc, dec = spec.encoder, spec.decoder
+    enc.embeddings[0].weight = _array(weights["src_embed.tokens.weight"])
+    dec.embeddings.weight = _array(weights["tgt_embed.tokens.weight"])
+    dec.projection.weight = dec.embeddings.weight  # section 3.4: tied, no output bias
+    enc.position_encodings.encodings = dec.position_encodings.encodings = positions
+    for i, layer in enumerate(enc.layer):
+        p = f"encoder.{i}"
+        _attention(layer.self_attention, weights, f"{p}.attn", True)
+        _norm(layer.self_attention.layer_norm, weights, f"{p}.res1.norm")
+        _ffn(layer.ffn, weights, f"{p}.ffn", f"{p}.res2.norm")
+    for i, layer in enumerate(dec.layer):
+        p = f"decoder.{i}"
+        _attention(layer.self_attention, weights, f"{p}.self_attn", True)
+        _norm(layer.self_attention.layer_norm, weights, f"{p}.res1.norm")
+        _attention(layer.attention, weights, f"{p}.cross_attn", False)
+        _norm(layer.attention.layer_norm, weights, f"{p}.res2.norm")
+        _ffn(layer.ffn, weights, f"{p}.ffn", f"{p}.res3.norm")
+    if pre_norm:  # the final LayerNorm of each stack (model.py enc_norm / dec_norm)
+        _norm(enc.layer_norm, weights, "enc_norm")
+        _norm(dec.layer_norm, weights, "dec_norm")
+
+
+def _tokens(processor: Any) -> list[str]:
+    """SentencePiece pieces by id, specials under the names CTranslate2's config expects."""
+    tokens = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    tokens[:4] = [SPECIALS[i] for i in range(4)]
+    if len(set(tokens)) < len(tokens):
+        seen = sorted({t for t in tokens if tokens.count(t) > 1})
+        raise UserError(f"vocabulary: pieces {seen[:3]} occur twice; CTranslate2 needs unique tokens")
+    return tokens
+
+
+def _build_spec(state: dict, source: str) -> Any:
+    """A validated TransformerSpec holding the checkpoint's weights and vocabularies."""
+    ct2 = _ctranslate2()
+    cfg = config_from_dict(state["config"], source).model
+    vocab = Vocab.from_state(state["vocab"])
+    spec = ct2.specs.TransformerSpec.from_config(
+        cfg.n_layers, cfg.n_heads, pre_norm=cfg.norm == "pre", activation=ct2.specs.Activation.RELU)
+    # Section 3.5's table with sin/cos interleaved (model.sinusoids): CTranslate2's built-in table
+    # puts all sines before all cosines, so it gets the explicit table.
+    positions = sinusoids(cfg.max_positions, cfg.d_model).numpy()
+    _fill(spec, state["model"], positions, cfg.norm == "pre")
+    spec.register_source_vocabulary(_tokens(vocab.src))
+    spec.register_target_vocabulary(_tokens(vocab.tgt))
+    spec.config.layer_norm_epsilon = LAYER_NORM_EPS
+    spec.config.add_source_eos = True  # mtkit reads source + EOS (batching.pad(suffix=EOS))
+    spec.config.decoder_start_token = SPECIALS[2]  # the decoder starts from BOS at position 0
+    spec.validate()
+    return spec
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: directory exists and is not empty (pass force=True / --force to overwrite)")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished export from `tmp` to `out`, replacing only a previous export's files."""
+    if not out.exists() or not any(out.iterdir()):
+        if out.exists():
+            out.rmdir()
+        tmp.replace(out)
+        return
+    for name in EXPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for path in tmp.iterdir():
+        path.replace(out / path.name)
+    tmp.rmdir()
+
+
+def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization: str | None = None,
+                       force: bool = False) -> Path:
+    """Convert a checkpoint (or a run directory's model) into a CTranslate2 model directory.
+
+    `quantization` is CTranslate2's weight type (None keeps float32; int8, int8_float32, float16,
+    ...). An existing non-empty `out_dir` is refused unless `force`, which replaces the files an
+    export writes and leaves any others. Returns `out_dir`.
+    """
+    out = Path(out_dir)
+    _check_out_dir(out, force)
+    path = resolve_model(checkpoint)
+    state = load_checkpoint(path)
+    spec = _build_spec(state, str(path))
+    try:
+        spec.optimize(quantization=quantization)
+    except ValueError as exc:
+        raise UserError(f"quantization {quantization!r}: {exc}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"  # mkdir, unlike mkdtemp, honours the umask
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        spec.save(str(tmp))
+        vocab = state["vocab"]
+        (tmp / SOURCE_SPM).write_bytes(vocab["src"])
+        (tmp / TARGET_SPM).write_bytes(vocab.get("tgt") or vocab["src"])
+        info = {"checkpoint": str(path.resolve()), "step": state.get("step"), "quantization": quantization,
+                "config": state["config"]}
+        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class CT2Model:
+    """A loaded export: the CTranslate2 translator, the SentencePiece models, the run's settings."""
+
+    translator: Any  # ctranslate2.Translator
+    src_spm: Any  # sentencepiece.SentencePieceProcessor
+    tgt_spm: Any
+    max_positions: int
+    decode: DecodeConfig  # the checkpoint's decoding defaults
+
+
+def load_ct2(model_dir: str | Path, device: str = "cpu", compute_type: str = "default",
+             threads: int = 0) -> CT2Model:
+    """Load an export; `threads` is CTranslate2's intra_threads (0: its default), one translation at a time."""
+    ct2, model_dir = _ctranslate2(), Path(model_dir)
+    if not (model_dir / INFO).is_file():
+        raise UserError(f"{model_dir}: not an mtkit CTranslate2 export (no {INFO})")
+    info = json.loads((model_dir / INFO).read_text(encoding="utf-8"))
+    cfg = config_from_dict(info["config"], str(model_dir / INFO))
+    translator = ct2.Translator(str(model_dir), device=device, compute_type=compute_type,
+                                intra_threads=threads, inter_threads=1)
+    src = load_processor((model_dir / SOURCE_SPM).read_bytes())
+    tgt = load_processor((model_dir / TARGET_SPM).read_bytes())
+    return CT2Model(translator, src, tgt, cfg.model.max_positions, cfg.decode)
+
+
+def ct2_translate(model: CT2Model | str | Path, lines: list[str], beam_size: int | None = None,
+                  length_penalty: float | None = None, max_tokens: int | None = None,
+                  max_len_offset: int | None = None) -> list[str]:
+    """One translation per line, in order, as `mtkit translate` would produce them, with CTranslate2.
+
+    Settings left None come from the checkpoint's decode config, as in `Translator.load`.
+    `max_tokens` is mtkit's decode.max_tokens (source tokens x beam per batch).
+    `length_penalty` is CTranslate2's alpha: score / length ** alpha (see the module docstring).
+    """
+    model = model if isinstance(model, CT2Model) else load_ct2(model)
+    given = {"beam_size": beam_size, "length_penalty": length_penalty, "max_tokens": max_tokens,
+             "max_len_offset": max_len_offset}
+    d = replace(model.decode, **{k: v for k, v in given.items() if v is not None})
+    texts = [normalize(line) for line in lines]
+    todo = [i for i, text in enumerate(texts) if text]  # an empty line translates to an empty line
+    pieces = [model.src_spm.encode(texts[i], out_type=str) for i in todo]
+    out = [""] * len(lines)
+    if not todo:
+        return out
+    limit = model.max_positions - 1  # the position table's last index
+    # search.py: at most min(source + EOS + offset, limit) steps, the last one EOS
+    steps = [min(len(p) + 1 + d.max_len_offset, limit) for p in pieces]
+    results = model.translator.translate_batch(
+        pieces, beam_size=d.beam_size, length_penalty=d.length_penalty, patience=1.0,
+        max_batch_size=max(1, d.max_tokens // d.beam_size), batch_type="tokens",
+        max_input_length=limit, max_decoding_length=max(steps), min_decoding_length=0,
+        suppress_sequences=[[SPECIALS[0]]])  # mtkit never emits PAD either
+    for i, n, result in zip(todo, steps, results):
+        out[i] = model.tgt_spm.decode_pieces(result.hypotheses[0][: n - 1])
+    return out
