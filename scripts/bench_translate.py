@@ -41,7 +41,7 @@ log = logging.getLogger("bench_translate")
 
 DEFAULT_MODEL = "runs/quickstart"
 DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))
-WARMUP_LINES = 100
+PAUSE_S = 1.0  # between timed runs
 NOTES = [
     ("Both systems get the same lines, beam size, length-penalty alpha, token budget per batch "
      "(mtkit: decode.max_tokens // beam padded source tokens; CTranslate2: batch_type tokens, "
@@ -122,13 +122,14 @@ def build_systems(args: argparse.Namespace, model: Path, ct2_dir: Path, decode: 
 
 def benchmark(systems: list[System], lines: list[str], repeats: int) -> tuple[dict, dict]:
     """Warm up every system, then time them alternately (A B C A B C ...) over all lines."""
-    for system in systems:
-        log.info("warming up %s on %d lines", system.name, min(WARMUP_LINES, len(lines)))
-        system.translate(lines[:WARMUP_LINES])
+    for system in systems:  # a whole pass: both engines prepare kernels per batch shape on first use
+        log.info("warming up %s on all %d lines", system.name, len(lines))
+        system.translate(lines)
     seconds: dict[str, list[float]] = {s.name: [] for s in systems}
     outputs: dict[str, list[str]] = {}
     for r in range(repeats):
         for system in systems:
+            time.sleep(PAUSE_S)  # the other engine's OpenMP threads stop spinning on the cores first
             start = time.perf_counter()
             out = system.translate(lines)
             seconds[system.name].append(time.perf_counter() - start)
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
     per_repeat = [c / m for m, c in zip(seconds["mtkit fp32"], seconds["ct2 float32"])]
     setup = {"model": str(args.model), "checkpoint": str(path), "step": state.get("step"), "src": str(args.src),
              "ref": str(args.ref), "lines": len(src), "beam": args.beam, **decode, "repeats": args.repeats,
-             "warmup_lines": min(WARMUP_LINES, len(src)), "threads": args.threads, "device": args.device,
+             "warmup_lines": len(src), "pause_s": PAUSE_S, "threads": args.threads, "device": args.device,
              "settings": {s.name: s.settings for s in systems}}
     return {"benchmark": "translate", "ratio": ratio(summaries, "mtkit fp32", "ct2 float32"),
             "ratio_metric": "sentences/s, mtkit fp32 / ctranslate2 float32 (medians)",

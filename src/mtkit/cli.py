@@ -83,13 +83,14 @@ def train(config: ConfigArg, set_: SetOpt = None,
 
 
 def _load_translator(model: Path | None, beam: int | None, alpha: float | None, greedy: bool,
-                     max_tokens: int | None, device: str, quantize: str | None = None):
+                     max_tokens: int | None, device: str, quantize: str | None = None,
+                     early_exit: bool | None = None):
     from mtkit.translate import Translator
 
     if model is None:
         raise UserError("--model/-m is required: a checkpoint file or a run directory")
     return Translator.load(model, device, quantize, beam_size=1 if greedy else beam, length_penalty=alpha,
-                           max_tokens=max_tokens)
+                           max_tokens=max_tokens, early_exit=early_exit)
 
 
 BeamOpt = Annotated[Optional[int], typer.Option("--beam", "-b", min=1, help="Beam size (default: the model's decode.beam_size).")]
@@ -107,6 +108,7 @@ def translate(model: ModelOpt = None,
               beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
               nbest: Annotated[int, typer.Option("--nbest", "-n", min=1, help="Print the N best: 'index ||| translation ||| score' lines.")] = 1,
               max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto",
+              early_exit: Annotated[Optional[bool], typer.Option("--early-exit/--no-early-exit", help="End a sentence when a step's best candidate is EOS, as CTranslate2 (default: decode.early_exit).")] = None,
               quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Dynamic int8 quantisation of the linear layers (CPU).")] = None,
               window: Annotated[int, typer.Option("--window", min=1, help="Lines read, sorted and translated at a time: output starts after the first window and memory stays bounded on an endless pipe.")] = 1000,
               attention: Annotated[Optional[Path], typer.Option("--attention", metavar="DIR", help="Write DIR/NNNNNN.png per line: encoder-decoder attention heatmap (subwords on the axes).")] = None,
@@ -130,7 +132,7 @@ def translate(model: ModelOpt = None,
     if quantize not in (None, "int8"):
         raise UserError(f"--quantize {quantize!r}: only int8 is supported")
     lines = stream_lines(input, errors)
-    translator = _load_translator(model, beam, length_penalty, greedy, max_tokens, device, quantize)
+    translator = _load_translator(model, beam, length_penalty, greedy, max_tokens, device, quantize, early_exit)
     if nbest > translator.decode.beam_size:
         raise UserError(f"--nbest {nbest} exceeds the beam size {translator.decode.beam_size}")
     if not -len(translator.model.decoder) <= layer < len(translator.model.decoder):

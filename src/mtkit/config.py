@@ -154,6 +154,9 @@ class DecodeConfig:
     """Output length limit = source length + this (section 6.1)."""
     max_tokens: int = 4000
     """Token budget per translation batch (source tokens x beam)."""
+    early_exit: bool = False
+    """Also end a sentence when a step's best candidate is EOS (OpenNMT, CTranslate2): faster; off
+    keeps searching until beam_size hypotheses have ended (fairseq)."""
 
 
 @dataclass

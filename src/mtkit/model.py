@@ -163,6 +163,9 @@ class Transformer(nn.Module):
         # Pre-norm needs a final LayerNorm on each stack; post-norm ends in one already.
         self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        # Inference may install the output projection as a module of its own (same weights) so it
+        # can be quantised or repacked; training leaves it None and uses the shared matrix.
+        self.output: nn.Module | None = None
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -186,8 +189,11 @@ class Transformer(nn.Module):
         x = self.tgt_embed(tgt_in, start)
         for i, layer in enumerate(self.decoder):
             x = layer(x, cross[i], src_mask, None if cache is None else cache[i])
+        x = self.dec_norm(x)
+        if self.output is not None:
+            return self.output(x)
         # Section 3.4: the pre-softmax projection shares the target embedding matrix.
-        return F.linear(self.dec_norm(x), self.tgt_embed.tokens.weight)
+        return F.linear(x, self.tgt_embed.tokens.weight)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, T, V) for training."""

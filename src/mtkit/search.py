@@ -72,12 +72,14 @@ def greedy_search(model: Transformer, src: torch.Tensor, max_len_offset: int = 5
 
 @torch.inference_mode()
 def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha: float = 0.6,
-                max_len_offset: int = 50, nbest: int = 1) -> list[list[Hypothesis]]:
+                max_len_offset: int = 50, nbest: int = 1, early_exit: bool = False) -> list[list[Hypothesis]]:
     """Batched beam search; the beams of all sentences live in one (B * K) batch.
 
     As in fairseq, a hypothesis ends when EOS is among the top K of the 2K candidates of a step,
     and a sentence is done once K hypotheses have ended; finished sentences leave the batch.
-    With K = 1 this is greedy search.
+    With `early_exit` (as OpenNMT and CTranslate2) a sentence is also done, once it has `nbest`
+    hypotheses, when the best candidate of a step is EOS: no continuation can then beat it on
+    raw log-probability. With K = 1 this is greedy search.
     """
     B, K, device = src.size(0), beam_size, src.device
     cross, mask, cache = _start(model, src)
@@ -113,7 +115,10 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
         cont_scores, pick = cont_scores.topk(K, dim=1)  # (n, K)
         src_rows = (beam_idx.gather(1, pick) + torch.arange(n, device=device)[:, None] * K).view(-1)
         tokens = torch.cat([tokens.index_select(0, src_rows), tok_idx.gather(1, pick).view(-1, 1)], 1)
-        keep = torch.tensor([len(finished[int(s)]) < K for s in alive.tolist()], device=device)
+        need = torch.tensor([K - len(finished[int(s)]) for s in alive.tolist()], device=device)
+        keep = need > 0
+        if early_exit:  # the step's best candidate ended: done once nbest hypotheses are in
+            keep &= ~(is_eos[:, 0] & (need <= K - nbest))
         keep &= step + 1 < max_len[alive]  # a sentence at its length limit has ended all it can
         if not bool(keep.any()):
             break

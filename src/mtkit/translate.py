@@ -50,12 +50,24 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def quantize_int8(model: Transformer) -> Transformer:
-    """Dynamic int8 quantisation of every nn.Linear (weights int8, activations quantised per
-    batch), CPU only. The tied output projection stays fp32 (it is the embedding matrix)."""
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+def for_cpu_inference(model: Transformer, quantize: Literal["int8"] | None) -> Transformer:
+    """Repack a model for CPU decoding: the output projection as a module of its own, then every
+    linear layer dynamically quantised to int8 (weights per output channel), or (fp32) in
+    oneDNN's blocked weight layout, which decodes faster here with identical output."""
+    model.output = nn.Linear(model.cfg.d_model, model.tgt_embed.tokens.num_embeddings, bias=False)
+    model.output.weight = model.tgt_embed.tokens.weight
+    if quantize == "int8":
+        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            quant = torch.ao.quantization
+            return quant.quantize_dynamic(model, {nn.Linear: quant.per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    if torch.backends.mkldnn.is_available():
+        with warnings.catch_warnings():  # its modules still use the deprecated torch.jit.script_method
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.utils import mkldnn as onednn
+
+            return onednn.to_mkldnn(model)
+    return model
 
 
 @dataclass
@@ -84,10 +96,10 @@ class Translator:
         model = Transformer(cfg.model, vocab.src_size, vocab.tgt_size)
         model.load_state_dict(state["model"])
         dev = pick_device(device)
-        if quantize == "int8":
-            if dev.type != "cpu":
-                raise UserError("--quantize int8 is for CPU decoding; on CUDA mtkit decodes in bf16")
-            model = quantize_int8(model)
+        if quantize == "int8" and dev.type != "cpu":
+            raise UserError("--quantize int8 is for CPU decoding; on CUDA mtkit decodes in bf16")
+        if dev.type == "cpu":
+            model = for_cpu_inference(model.eval(), quantize)
         decode = replace(cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
         log.info("loaded %s (step %s) on %s%s", ckpt, state.get("step"), dev, ", int8" if quantize else "")
         return cls(model.to(dev), vocab, decode, dev)
@@ -116,7 +128,8 @@ class Translator:
         with autocast:
             if d.beam_size == 1 and nbest == 1:
                 return [[Hypothesis(t, 0.0)] for t in greedy_search(self.model, src, d.max_len_offset)]
-            return beam_search(self.model, src, d.beam_size, d.length_penalty, d.max_len_offset, nbest)
+            return beam_search(self.model, src, d.beam_size, d.length_penalty, d.max_len_offset, nbest,
+                               d.early_exit)
 
     def run(self, lines: list[str], nbest: int = 1) -> list[Translation]:
         """Translate a list of lines (sorted by length into token-budget batches), in input order."""
