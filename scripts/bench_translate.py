@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import inspect
+import multiprocessing
 import json
 import logging
 import os
@@ -100,44 +100,62 @@ def read_lines(path: Path, limit: int | None) -> list[str]:
     return lines[:limit]
 
 
-def build_systems(args: argparse.Namespace, model: Path, ct2_dir: Path, decode: dict) -> tuple[list[System], list[str]]:
-    """mtkit fp32 (and int8 if Translator.load takes `quantize`), CTranslate2 float32 and int8."""
-    settings = {"beam_size": args.beam, "length_penalty": decode["length_penalty"], "max_tokens": decode["max_tokens"]}
-    systems, skipped = [], []
-    fp32 = Translator.load(model, args.device, **settings)
-    systems.append(System("mtkit fp32", fp32.translate, {**settings, "precision": "fp32"}))
-    if "quantize" in inspect.signature(Translator.load).parameters:
-        int8 = Translator.load(model, args.device, quantize="int8", **settings)
-        systems.append(System("mtkit int8", int8.translate, {**settings, "quantize": "int8"}))
-    else:
-        skipped.append("mtkit int8: Translator.load has no `quantize` parameter")
-    for compute_type in ("float32", "int8"):
-        ct2 = load_ct2(ct2_dir, args.device, compute_type, threads=args.threads)
-        run = partial(ct2_translate, ct2, beam_size=args.beam, length_penalty=settings["length_penalty"],
-                      max_tokens=settings["max_tokens"], max_len_offset=decode["max_len_offset"])
-        systems.append(System(f"ct2 {compute_type}", run, {**settings, "compute_type": compute_type,
-                                                           "intra_threads": args.threads, "inter_threads": 1}))
-    return systems, skipped
+SYSTEMS = ("mtkit fp32", "mtkit int8", "ct2 float32", "ct2 int8")
 
 
-def benchmark(systems: list[System], lines: list[str], repeats: int) -> tuple[dict, dict]:
-    """Warm up every system, then time them alternately (A B C A B C ...) over all lines."""
-    for system in systems:  # a whole pass: both engines prepare kernels per batch shape on first use
-        log.info("warming up %s on all %d lines", system.name, len(lines))
-        system.translate(lines)
-    seconds: dict[str, list[float]] = {s.name: [] for s in systems}
-    outputs: dict[str, list[str]] = {}
+def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: int, device: str) -> System:
+    """One system by name: mtkit fp32 / int8 (Translator), CTranslate2 float32 / int8 (the export)."""
+    torch.set_num_threads(threads)
+    if name.startswith("mtkit"):
+        quantize = "int8" if name.endswith("int8") else None
+        translator = Translator.load(model, device, quantize=quantize, beam_size=settings["beam_size"],
+                                     length_penalty=settings["length_penalty"], max_tokens=settings["max_tokens"])
+        return System(name, translator.translate, {**settings, "quantize": quantize})
+    compute_type = name.split()[1]
+    ct2 = load_ct2(ct2_dir, device, compute_type, threads=threads)
+    run = partial(ct2_translate, ct2, beam_size=settings["beam_size"], length_penalty=settings["length_penalty"],
+                  max_tokens=settings["max_tokens"], max_len_offset=settings["max_len_offset"])
+    return System(name, run, {**settings, "compute_type": compute_type, "intra_threads": threads, "inter_threads": 1})
+
+
+def _worker(conn, name: str, lines: list[str], build: tuple) -> None:
+    """A process of its own per system: build it, warm it up on all lines, then time a pass per request."""
+    logging.disable(logging.INFO)
+    system = make_system(name, *build)
+    system.translate(lines)  # both engines prepare kernels per batch shape on first use
+    conn.send("ready")
+    while conn.recv() == "run":
+        start = time.perf_counter()
+        out = system.translate(lines)
+        conn.send((time.perf_counter() - start, out, system.settings))
+
+
+def benchmark(build: tuple, lines: list[str], repeats: int) -> tuple[dict, dict, dict]:
+    """Every system in its own process (two engines in one process slowed each other by 20-30%
+    here: shared allocator and thread pools), timed alternately (A B C D A B C D ...)."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = {}
+    for name in SYSTEMS:
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(theirs, name, lines, build), daemon=True)
+        proc.start()
+        workers[name] = (proc, ours)
+    for name, (_, conn) in workers.items():
+        assert conn.recv() == "ready", name
+        log.info("%s ready", name)
+    seconds: dict[str, list[float]] = {name: [] for name in SYSTEMS}
+    outputs, settings = {}, {}
     for r in range(repeats):
-        for system in systems:
-            time.sleep(PAUSE_S)  # the other engine's OpenMP threads stop spinning on the cores first
-            start = time.perf_counter()
-            out = system.translate(lines)
-            seconds[system.name].append(time.perf_counter() - start)
-            if system.name in outputs and outputs[system.name] != out:
-                log.warning("%s: repeat %d gave different translations", system.name, r + 1)
-            outputs[system.name] = out
-            log.info("repeat %d/%d %s: %.2f s", r + 1, repeats, system.name, seconds[system.name][-1])
-    return seconds, outputs
+        for name, (_, conn) in workers.items():
+            time.sleep(PAUSE_S)  # the last system's threads go idle first
+            conn.send("run")
+            secs, outputs[name], settings[name] = conn.recv()
+            seconds[name].append(secs)
+            log.info("repeat %d/%d %s: %.2f s", r + 1, repeats, name, secs)
+    for proc, conn in workers.values():
+        conn.send("stop")
+        proc.join(timeout=30)
+    return seconds, outputs, settings
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -221,8 +239,9 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
     if len(src) != len(refs):
         raise UserError(f"{args.src} has {len(src)} lines but {args.ref} has {len(refs)}")
     export_ctranslate2(path, ct2_dir, force=True)
-    systems, skipped = build_systems(args, path, ct2_dir, decode)
-    seconds, outputs = benchmark(systems, src, args.repeats)
+    settings = {"beam_size": args.beam, **decode}
+    seconds, outputs, used = benchmark((path, ct2_dir, settings, args.threads, args.device), src, args.repeats)
+    skipped: list[str] = []
     tgt_spm = Vocab.from_state(state["vocab"]).tgt
     summaries = {name: summarize(seconds[name], outputs[name], refs, outputs["mtkit fp32"], tgt_spm.encode)
                  for name in seconds}
@@ -230,7 +249,7 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
     setup = {"model": str(args.model), "checkpoint": str(path), "step": state.get("step"), "src": str(args.src),
              "ref": str(args.ref), "lines": len(src), "beam": args.beam, **decode, "repeats": args.repeats,
              "warmup_lines": len(src), "pause_s": PAUSE_S, "threads": args.threads, "device": args.device,
-             "settings": {s.name: s.settings for s in systems}}
+             "settings": used, "isolation": "one process per system, alternated"}
     return {"benchmark": "translate", "ratio": ratio(summaries, "mtkit fp32", "ct2 float32"),
             "ratio_metric": "sentences/s, mtkit fp32 / ctranslate2 float32 (medians)",
             "ratio_per_repeat": per_repeat, "ratio_int8": ratio(summaries, "mtkit int8", "ct2 int8"),
