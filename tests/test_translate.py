@@ -113,3 +113,15 @@ def test_pharaoh_format():
 
     weights = torch.tensor([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])  # 2 target, 2 source + EOS
     assert pharaoh(hard_alignment(weights)) == "1-0 0-1"
+
+
+def test_a_line_translated_in_pieces_gets_an_empty_alignment_line(checkpoint, tmp_path):
+    from mtkit.translate import Outputs, translate_to
+
+    translator = Translator.load(checkpoint, "cpu")
+    long_line = ", ".join(["the small dog runs in the red house on the street"] * 12)
+    n = translate_to(translator, ["the dog", long_line, "a cat"],
+                     Outputs(output=tmp_path / "out.txt", alignment=tmp_path / "align.txt"))
+    align = (tmp_path / "align.txt").read_text().split("\n")
+    assert n == 3 and len(align) == 4 and align[1] == "" and align[0] and align[2]
+    assert len((tmp_path / "out.txt").read_text().split("\n")) == 4

@@ -259,6 +259,11 @@ def translate_to(translator: Translator, lines: Iterable[str], out: Outputs) -> 
                 text.writelines(f"{count - 1} ||| {t} ||| {s:.4f}\n" for t, s in result.nbest)
             if align is None and out.attention_dir is None:
                 continue
+            if len(result.src_ids) > translator.source_limit:  # translated in pieces: no one picture
+                log.warning("line %d: translated in pieces; no attention picture or alignment", count)
+                if align is not None:
+                    align.write("\n")
+                continue
             weights = translator.cross_attention(result.src_ids, result.tgt_ids, out.layer, out.head)
             if align is not None:
                 align.write(pharaoh(hard_alignment(weights)) + "\n")
