@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchlib import machine
 from mtkit.config import ModelConfig, RunConfig, load_config
 from mtkit.data.batching import collate, token_batches
 from mtkit.data.shards import PreparedData
@@ -356,23 +356,6 @@ def peak_tflops(args: argparse.Namespace, device: torch.device, bf16: bool) -> d
         if "H200" in name:
             return dict(H200_BF16_TFLOPS)
     return {}
-
-
-def machine(device: torch.device) -> dict:
-    """CPU model and torch threads, or the GPU's name."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def peer_info(compiled: bool) -> dict:

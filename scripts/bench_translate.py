@@ -17,7 +17,6 @@ import multiprocessing
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchlib import machine
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import config_from_dict
 from mtkit.data.vocab import Vocab
@@ -171,23 +171,6 @@ def summarize(secs: list[float], out: list[str], refs: list[str], reference: lis
             "repeat_seconds": secs, "tgt_tokens": n_tokens, "bleu": bleu["bleu"],
             "bleu_signature": bleu["signature"]["bleu"],
             "identical_to_mtkit_fp32": sum(a == b for a, b in zip(out, reference)) / max(len(out), 1)}
-
-
-def machine(device: str) -> dict:
-    """CPU model and threads, or the GPU's name."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def ratio(systems: dict, ours: str, peer: str) -> float | None:
