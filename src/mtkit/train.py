@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from mtkit.checkpoint import BEST, load_checkpoint, prune, remove_stray_temps, save_checkpoint, step_checkpoints
 from mtkit.config import RunConfig, config_to_dict, save_config
+from mtkit.curves import plot_curves
 from mtkit.data.batching import collate, token_batches
 from mtkit.data.shards import PreparedData, TokenArray
 from mtkit.engine import (ComputeContext, Dist, init_distributed, label_smoothed_loss, make_optimizer,
@@ -151,31 +152,6 @@ def validate(model: Transformer, translator: Translator, data: PreparedData, cfg
     model.train()
     return {"valid_loss": nll_sum / max(tokens, 1), "valid_ppl": math.exp(min(nll_sum / max(tokens, 1), 50)),
             "valid_bleu": bleu}
-
-
-def plot_curves(log_path: Path, out: Path) -> None:
-    """Learning curves (train/valid loss, valid BLEU, learning rate) from the JSONL log, as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [r for r in records if "loss" in r]
-    valid = [r for r in records if "valid_loss" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in train], [r["nll"] for r in train], label="train nll")
-    axes[0].plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "o-", label="valid nll")
-    axes[0].set(xlabel="step", ylabel="loss per token", title="loss")
-    axes[0].legend()
-    axes[1].plot([r["step"] for r in valid], [r["valid_bleu"] for r in valid], "o-")
-    axes[1].set(xlabel="step", ylabel="sacreBLEU", title="validation BLEU")
-    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
-    axes[2].set(xlabel="step", ylabel="lr", title="learning rate")
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(out)
 
 
 def _checkpoint(run: Run, state: TrainState, with_train_state: bool = True) -> dict:
