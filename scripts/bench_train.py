@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import json
 import logging
 import os
 import resource
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchlib import machine
+from benchlib import machine, publish
 from mtkit.config import ModelConfig, RunConfig, load_config
 from mtkit.data.batching import collate, token_batches
 from mtkit.data.shards import PreparedData
@@ -480,10 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"bench_train: error: {exc}", file=sys.stderr)
         return 2
-    print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    log.info("wrote %s", args.out)
+    publish(report(result), result, args.out)
     return 0
 
 

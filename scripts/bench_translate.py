@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import multiprocessing
-import json
 import logging
 import os
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import machine
+from benchlib import machine, publish
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import config_from_dict
 from mtkit.data.vocab import Vocab
@@ -256,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"bench_translate: error: {exc}", file=sys.stderr)
         return 2
-    print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    log.info("wrote %s", args.out)
+    publish(report(result), result, args.out)
     return 0
 
 
