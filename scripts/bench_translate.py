@@ -1,20 +1,22 @@
 """Translation-throughput benchmark: mtkit's Translator against CTranslate2 running the same weights
-(exported with mtkit.export), on the same file, in one invocation (GUIDE section 3).
+(exported with mtkit.export), on the same file, in one invocation (GUIDE section 3); also against
+Hugging Face transformers' `generate` on the same weights (scripts/hf_peer.py) when it is installed.
 
     python scripts/bench_translate.py [-m runs/quickstart] [--src FILE] [--ref FILE] [--beam 4]
         [--length-penalty A] [--max-tokens N] [--repeats 3] [--lines N] [--threads N]
         [--device cpu|cuda] [--out results/bench_translate.json]
 
 Prints a table on stdout, logs on stderr, writes the figures as JSON; top-level "ratio" = mtkit /
-CTranslate2 sentences/s, both in float32 (above 1 = mtkit faster), with the BLEU of each output.
+CTranslate2 sentences/s, both in float32 (above 1 = mtkit faster), with the BLEU of each output;
+"ratio_transformers" = mtkit / transformers, float32, where that peer ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import multiprocessing
 import logging
+import multiprocessing
 import os
 import statistics
 import sys
@@ -26,8 +28,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-
 from benchlib import machine, publish
+
+# hf_peer imports transformers only when a model is converted: safe to import without it.
+from hf_peer import DIFFERENCES as HF_DIFFERENCES
+from hf_peer import INSTALL as HF_INSTALL
+
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import config_from_dict
 from mtkit.data.vocab import Vocab
@@ -41,16 +47,22 @@ log = logging.getLogger("bench_translate")
 DEFAULT_MODEL = "runs/quickstart"
 DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))
 PAUSE_S = 1.0  # between timed runs
+HF = "hf float32"  # the transformers peer's system name
 NOTES = [
-    ("Both systems get the same lines, beam size, length-penalty alpha, token budget per batch "
+    ("All systems get the same lines, beam size, length-penalty alpha, token budget per batch "
      "(mtkit: decode.max_tokens // beam padded source tokens; CTranslate2: batch_type tokens, "
-     "max_batch_size = the same number) and threads (torch threads = CTranslate2 intra_threads, inter_threads 1)."),
+     "max_batch_size = the same number; transformers: mtkit's length-sorted batches, padded) and threads "
+     "(torch threads = CTranslate2 intra_threads, inter_threads 1)."),
     ("Length penalty: mtkit divides by ((5 + length) / 6) ** alpha (Wu et al. 2016), CTranslate2 by "
      "length ** alpha; the same alpha is passed to both, so beam outputs may differ (greedy ones do not)."),
     ("Length limit: mtkit source + decode.max_len_offset per sentence; CTranslate2 one limit per call, "
      "outputs cut to mtkit's per-sentence limit by mtkit.export.ct2_translate."),
-    ("Timed: text in -> text out (SentencePiece, batching, search, detokenization); model loading "
-     "and the CTranslate2 export are not timed. Target tokens = SentencePiece pieces of the output."),
+    ("Timed: text in -> text out (SentencePiece, batching, search, detokenization); model loading, "
+     "the CTranslate2 export and the transformers conversion are not timed. Target tokens = SentencePiece "
+     "pieces of the output."),
+    ("transformers: the checkpoint converted with its exact weights (scripts/hf_peer.py: M2M100 for pre-norm, "
+     "MarianMTModel for post-norm, mtkit's sinusoids), eager `generate`, SDPA attention, float32. Differences "
+     "from mtkit: " + "; ".join(HF_DIFFERENCES) + "."),
 ]
 
 
@@ -102,9 +114,28 @@ def read_lines(path: Path, limit: int | None) -> list[str]:
 SYSTEMS = ("mtkit fp32", "mtkit int8", "ct2 float32", "ct2 int8")
 
 
+def transformers_version() -> str | None:
+    """transformers' version, or None (with the reason logged) when it cannot be imported."""
+    try:
+        import transformers
+    except ImportError as exc:
+        log.info("transformers not importable (%s)", exc)
+        return None
+    return transformers.__version__
+
+
 def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: int, device: str) -> System:
-    """One system by name: mtkit fp32 / int8 (Translator), CTranslate2 float32 / int8 (the export)."""
+    """One system by name: mtkit fp32 / int8 (Translator), CTranslate2 float32 / int8 (the export),
+    transformers float32 (the checkpoint converted by hf_peer)."""
     torch.set_num_threads(threads)
+    if name == HF:
+        from hf_peer import hf_translate, to_transformers
+
+        peer = to_transformers(model, device)
+        run = partial(hf_translate, peer, beam_size=settings["beam_size"], length_penalty=settings["length_penalty"],
+                      max_tokens=settings["max_tokens"], max_len_offset=settings["max_len_offset"])
+        return System(name, run, {**settings, "model_class": type(peer.model).__name__, "torch_threads": threads,
+                                  "attn_implementation": peer.model.config._attn_implementation})
     if name.startswith("mtkit"):
         quantize = "int8" if name.endswith("int8") else None
         translator = Translator.load(model, device, quantize=quantize, beam_size=settings["beam_size"],
@@ -129,12 +160,12 @@ def _worker(conn, name: str, lines: list[str], build: tuple) -> None:
         conn.send((time.perf_counter() - start, out, system.settings))
 
 
-def benchmark(build: tuple, lines: list[str], repeats: int) -> tuple[dict, dict, dict]:
+def benchmark(build: tuple, lines: list[str], repeats: int, names: tuple[str, ...]) -> tuple[dict, dict, dict]:
     """Every system in its own process (two engines in one process slowed each other by 20-30%
     here: shared allocator and thread pools), timed alternately (A B C D A B C D ...)."""
     ctx = multiprocessing.get_context("spawn")
     workers = {}
-    for name in SYSTEMS:
+    for name in names:
         ours, theirs = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(theirs, name, lines, build), daemon=True)
         proc.start()
@@ -142,7 +173,7 @@ def benchmark(build: tuple, lines: list[str], repeats: int) -> tuple[dict, dict,
     for name, (_, conn) in workers.items():
         assert conn.recv() == "ready", name
         log.info("%s ready", name)
-    seconds: dict[str, list[float]] = {name: [] for name in SYSTEMS}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     outputs, settings = {}, {}
     for r in range(repeats):
         for name, (_, conn) in workers.items():
@@ -184,7 +215,9 @@ def report(result: dict) -> str:
     lines = [(f"bench_translate: {s['model']} (step {s['step']}) | {s['lines']} lines of {s['src']} | "
               f"beam {s['beam']}, alpha {s['length_penalty']}, max_tokens {s['max_tokens']} | "
               f"{s['repeats']} repeats, alternated"),
-             f"machine: {m.get('gpu') or m['cpu']}, {s['threads']} threads | peer: ctranslate2 {result['peer']['version']}",
+             (f"machine: {m.get('gpu') or m['cpu']}, {s['threads']} threads | peer: ctranslate2 "
+              f"{result['peer']['version']}" + "".join(f" | also: {p['name']} {p['version']} {p['model']}"
+                                                      for p in result["other_peers"])),
              "",
              (f"{'system':<11} {'sent/s  med [min, max]':>26} {'tgt tok/s  med [min, max]':>29} "
               f"{'BLEU':>6} {'= mtkit':>8}")]
@@ -199,9 +232,12 @@ def report(result: dict) -> str:
                      "above 1 = mtkit faster)")
     if result["ratio_int8"] is not None:
         lines.append(f"ratio mtkit/ct2 sentences/s, int8: {result['ratio_int8']:.3f}")
+    if result["ratio_transformers"] is not None:
+        lines.append(f"ratio mtkit/transformers sentences/s, fp32: {result['ratio_transformers']:.3f}")
     lines += [f"skipped: {x}" for x in result["skipped"]]
     lines.append(f"BLEU: {next(iter(result['systems'].values()))['bleu_signature']}; '= mtkit': share of lines "
-                 "identical to mtkit fp32's; CTranslate2's length penalty is length ** alpha, mtkit's GNMT's")
+                 "identical to mtkit fp32's; CTranslate2's and transformers' length penalty is length ** alpha, "
+                 "mtkit's GNMT's ((5 + length) / 6) ** alpha")
     return "\n".join(lines)
 
 
@@ -222,8 +258,17 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
         raise UserError(f"{args.src} has {len(src)} lines but {args.ref} has {len(refs)}")
     export_ctranslate2(path, ct2_dir, force=True)
     settings = {"beam_size": args.beam, **decode}
-    seconds, outputs, used = benchmark((path, ct2_dir, settings, args.threads, args.device), src, args.repeats)
-    skipped: list[str] = []
+    names, skipped, other_peers = SYSTEMS, [], []
+    hf_version = transformers_version()
+    if hf_version is None:
+        skipped.append(f"{HF}: transformers is not importable ({HF_INSTALL})")
+    else:
+        names += (HF,)
+    seconds, outputs, used = benchmark((path, ct2_dir, settings, args.threads, args.device), src, args.repeats,
+                                       names)
+    if HF in used:
+        other_peers.append({"name": "transformers", "version": hf_version, "model": used[HF]["model_class"],
+                            "system": HF, "differences": HF_DIFFERENCES})
     tgt_spm = Vocab.from_state(state["vocab"]).tgt
     summaries = {name: summarize(seconds[name], outputs[name], refs, outputs["mtkit fp32"], tgt_spm.encode)
                  for name in seconds}
@@ -235,7 +280,8 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
     return {"benchmark": "translate", "ratio": ratio(summaries, "mtkit fp32", "ct2 float32"),
             "ratio_metric": "sentences/s, mtkit fp32 / ctranslate2 float32 (medians)",
             "ratio_per_repeat": per_repeat, "ratio_int8": ratio(summaries, "mtkit int8", "ct2 int8"),
-            "peer": {"name": "ctranslate2", "version": ctranslate2.__version__},
+            "ratio_transformers": ratio(summaries, "mtkit fp32", HF),
+            "peer": {"name": "ctranslate2", "version": ctranslate2.__version__}, "other_peers": other_peers,
             "machine": machine(args.device), "setup": setup, "systems": summaries, "skipped": skipped,
             "notes": NOTES, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

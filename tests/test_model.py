@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model_config
 from mtkit.config import ModelConfig
-from mtkit.model import BOS, EOS, PAD, MultiHeadAttention, Transformer, count_parameters, sinusoids
+from mtkit.model import BOS, EOS, PAD, KVCache, MultiHeadAttention, Transformer, count_parameters, sinusoids
 from mtkit.search import beam_search, greedy_search
 
 V = 32
@@ -97,10 +97,10 @@ def test_parameter_count_matches_table_3(size, d_model, d_ff, heads, expected):
 def test_incremental_decoding_gives_the_full_logits(norm):
     model = tiny(norm=norm)
     src = torch.cat([random_src(1, 6), torch.cat([random_src(1, 4), torch.full((1, 2), PAD)], 1)])
-    tgt = torch.cat([torch.full((2, 1), BOS), torch.randint(4, V, (2, 5))], 1)
+    tgt = torch.cat([torch.full((2, 1), BOS), torch.randint(4, V, (2, 20))], 1)
     full = model(src, tgt)
     memory, mask = model.encode(src)
-    cross, cache = model.cross_kv(memory), [{} for _ in model.decoder]
+    cross, cache = model.cross_kv(memory), model.new_cache()
     steps = [model.decode(tgt[:, t : t + 1], cross, mask, cache, start=t) for t in range(tgt.size(1))]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -135,3 +135,17 @@ def test_output_length_is_limited_by_source_plus_offset():
         assert len(tokens) <= 4 + 3  # 4 source tokens + EOS
     for hyps in beam_search(model, src, beam_size=3, max_len_offset=3):
         assert all(len(h.tokens) <= 4 + 3 for h in hyps)
+
+
+def test_kv_cache_keeps_the_rows_beam_search_picks():
+    cache, ref_k = KVCache(), None
+    torch.manual_seed(0)
+    rows = 3
+    for t in range(12):
+        k = torch.randn(rows, 2, 1, 4)
+        ref_k = k if ref_k is None else torch.cat([ref_k, k], 2)
+        got_k, got_v = cache.append(k, -k)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, -ref_k)
+        index = torch.randint(0, rows, (6 if t == 0 else int(torch.randint(1, 7, ())),))  # grow, shrink
+        cache.reorder(index)
+        ref_k, rows = ref_k.index_select(0, index), index.numel()

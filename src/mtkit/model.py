@@ -44,6 +44,30 @@ class Embedding(nn.Module):
         return self.dropout(x + self.pe[start : start + ids.size(1)])
 
 
+class KVCache:
+    """One decoder layer's self-attention keys/values while decoding step by step (B, H, t, d_k).
+
+    Each step appends one position and beam search then gathers the surviving rows: two copies.
+    Buffers allocated ahead with a gather into a spare (tried) made both copies strided, which on
+    CPU cost more than the allocations they save, so the keys stay contiguous tensors.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one position (B, H, 1, d_k); returns the keys and values so far."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        self.k, self.v = k, v
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (each surviving hypothesis's parent), in that order."""
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
 class MultiHeadAttention(nn.Module):
     """Section 3.2.2: h parallel scaled dot-product attentions over learned projections."""
 
@@ -135,15 +159,12 @@ class DecoderLayer(nn.Module):
         self.res1, self.res2, self.res3 = Residual(cfg), Residual(cfg), Residual(cfg)
 
     def forward(self, x: torch.Tensor, cross_kv: tuple, src_mask: torch.Tensor,
-                cache: dict | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         def self_attention(y: torch.Tensor) -> torch.Tensor:
             k, v = self.self_attn.project_kv(y)
             if cache is None:  # full target: causal mask, position i sees 0..i
                 return self.self_attn(y, (k, v), causal=True)
-            if "k" in cache:  # incremental: one new position sees everything cached so far
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-            return self.self_attn(y, (k, v))
+            return self.self_attn(y, cache.append(k, v))  # one new position sees all cached so far
 
         x = self.res1(x, self_attention)
         x = self.res2(x, lambda y: self.cross_attn(y, cross_kv, src_mask))
@@ -183,9 +204,13 @@ class Transformer(nn.Module):
         """Encoder keys/values for every decoder layer, projected once per source."""
         return [layer.cross_attn.project_kv(memory) for layer in self.decoder]
 
+    def new_cache(self) -> list[KVCache]:
+        """Empty self-attention caches, one per decoder layer, for incremental decoding."""
+        return [KVCache() for _ in self.decoder]
+
     def decode(self, tgt_in: torch.Tensor, cross: list, src_mask: torch.Tensor,
-               cache: list[dict] | None = None, start: int = 0) -> torch.Tensor:
-        """tgt_in (B, T) -> logits (B, T, V); with `cache`, tgt_in holds only positions start.."""
+               cache: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+        """tgt_in (B, T) -> logits (B, T, V); with `cache`, tgt_in is the one position `start`."""
         x = self.tgt_embed(tgt_in, start)
         for i, layer in enumerate(self.decoder):
             x = layer(x, cross[i], src_mask, None if cache is None else cache[i])

@@ -24,16 +24,9 @@ def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | f
 
 def _start(model: Transformer, src: torch.Tensor):
     """Encode once and project the encoder keys/values once per sentence (not per hypothesis:
-    the model's cross-attention lets a sentence's hypotheses share them)."""
+    the model's cross-attention lets a sentence's hypotheses share them); empty decoder caches."""
     memory, mask = model.encode(src)
-    return model.cross_kv(memory), mask, [{} for _ in model.decoder]
-
-
-def _reorder_cache(cache: list[dict], index: torch.Tensor) -> None:
-    """Keep rows `index` of every layer's self-attention keys/values (beam reordering)."""
-    for layer in cache:
-        for key in layer:
-            layer[key] = layer[key].index_select(0, index)
+    return model.cross_kv(memory), mask, model.new_cache()
 
 
 def _drop_sentences(cross: list, mask: torch.Tensor, keep: torch.Tensor):
@@ -49,9 +42,9 @@ def _max_lengths(src: torch.Tensor, offset: int, limit: int) -> torch.Tensor:
 @torch.inference_mode()
 def greedy_search(model: Transformer, src: torch.Tensor, max_len_offset: int = 50) -> list[list[int]]:
     """Most probable next token at each step; one token list per source row."""
-    cross, mask, cache = _start(model, src)
     max_len = _max_lengths(src, max_len_offset, model.cfg.max_positions)
     batch = src.size(0)
+    cross, mask, cache = _start(model, src)
     tokens = torch.full((batch, 1), BOS, dtype=torch.long, device=src.device)
     done = torch.zeros(batch, dtype=torch.bool, device=src.device)
     for step in range(int(max_len.max())):
@@ -82,23 +75,25 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
     raw log-probability. With K = 1 this is greedy search.
     """
     B, K, device = src.size(0), beam_size, src.device
-    cross, mask, cache = _start(model, src)
     max_len = _max_lengths(src, max_len_offset, model.cfg.max_positions)  # (B,)
+    cross, mask, cache = _start(model, src)
     alive = torch.arange(B, device=device)  # original sentence index of each row group
-    tokens = torch.full((B * K, 1), BOS, dtype=torch.long, device=device)
-    scores = torch.zeros(B, K, device=device)
-    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    # All beams of a sentence start identical, so the first step runs one row per sentence and
+    # its best K continuations become the K beams.
+    tokens = torch.full((B, 1), BOS, dtype=torch.long, device=device)
+    scores = torch.zeros(B, 1, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     for step in range(int(max_len.max())):
         logp = model.decode(tokens[:, -1:], cross, mask, cache, start=step)[:, -1].float().log_softmax(-1)
-        n, V = alive.numel(), logp.size(-1)
+        (n, width), V = scores.shape, logp.size(-1)  # width: 1 at the first step, then K
         logp[:, PAD] = float("-inf")
-        at_limit = (step + 1 >= max_len[alive]).repeat_interleave(K)
-        # At the limit only EOS may follow, finite even where the model rules it out, so every
-        # sentence ends with hypotheses (a model that never emits EOS still gets its line).
-        logp[at_limit] = torch.where(torch.arange(V, device=device) == EOS, logp[at_limit].clamp(min=-1e4),
-                                     float("-inf"))
-        cand = (scores.view(-1, 1) + logp).view(n, K * V)
+        at_limit = (step + 1 >= max_len[alive]).repeat_interleave(width)
+        if bool(at_limit.any()):
+            # At the limit only EOS may follow, finite even where the model rules it out, so every
+            # sentence ends with hypotheses (a model that never emits EOS still gets its line).
+            logp[at_limit] = torch.where(torch.arange(V, device=device) == EOS,
+                                         logp[at_limit].clamp(min=-1e4), float("-inf"))
+        cand = logp.add_(scores.view(-1, 1)).view(n, width * V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K)
         beam_idx, tok_idx = top_idx // V, top_idx % V
         is_eos = (tok_idx == EOS) & torch.isfinite(top_scores)
@@ -108,12 +103,12 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
             for r, c in eos_top.nonzero().tolist():
                 sent = int(alive[r])
                 if len(finished[sent]) < K:
-                    row = tokens[r * K + int(beam_idx[r, c]), 1:].tolist()
+                    row = tokens[r * width + int(beam_idx[r, c]), 1:].tolist()
                     finished[sent].append(Hypothesis(row, float(top_scores[r, c]) / lp))
         # Continue with the best K candidates that did not end.
         cont_scores = top_scores.masked_fill(is_eos, float("-inf"))
         cont_scores, pick = cont_scores.topk(K, dim=1)  # (n, K)
-        src_rows = (beam_idx.gather(1, pick) + torch.arange(n, device=device)[:, None] * K).view(-1)
+        src_rows = (beam_idx.gather(1, pick) + torch.arange(n, device=device)[:, None] * width).view(-1)
         tokens = torch.cat([tokens.index_select(0, src_rows), tok_idx.gather(1, pick).view(-1, 1)], 1)
         need = torch.tensor([K - len(finished[int(s)]) for s in alive.tolist()], device=device)
         keep = need > 0
@@ -124,7 +119,8 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
             break
         rows = (keep.nonzero().view(-1, 1) * K + torch.arange(K, device=device)).view(-1)
         full = src_rows.index_select(0, rows)  # cache rows each surviving hypothesis came from
-        _reorder_cache(cache, full)
+        for layer in cache:
+            layer.reorder(full)
         if not bool(keep.all()):
             cross, mask = _drop_sentences(cross, mask, keep)
         tokens, scores, alive = tokens.index_select(0, rows), cont_scores[keep], alive[keep]
