@@ -37,9 +37,11 @@ def test_text_pairs_are_cleaned_encoded_and_counted(tmp_path):
     src, tgt = data.split("train")
     assert len(src) == len(tgt) == 201
     assert data.vocab.src.decode(src[200].tolist()) == "spaced out"
-    assert data.text("train", "tgt")[200] == "fine"
+    assert data.vocab.decode_tgt([tgt[200].tolist()]) == ["fine"]
     assert data.vocab.decode_tgt([tgt[0].tolist()]) == [pairs[0][1]]
-    assert src.ids.dtype == np.uint16
+    assert src[0].dtype == np.uint16
+    assert not (out / "train.src.txt").exists()  # only evaluation splits keep their text
+    assert data.text("valid", "src") == [s for s, _ in pairs[:20]]
 
 
 def test_tsv_and_jsonl_read_the_same_pairs(tmp_path):
@@ -54,8 +56,8 @@ def test_tsv_and_jsonl_read_the_same_pairs(tmp_path):
     out_jsonl = prepare(cfg_for(tmp_path, {"train": "train.jsonl", "valid": "train.jsonl"}, "jsonl",
                                 prepared_dir=str(tmp_path / "p_jsonl"), src_field="translation.xx",
                                 tgt_field="translation.yy"))
-    assert PreparedData(out_tsv).text("train", "src") == [s for s, _ in pairs]
-    assert PreparedData(out_jsonl).text("train", "tgt") == [t for _, t in pairs]
+    assert PreparedData(out_tsv).text("valid", "src") == [s for s, _ in pairs]
+    assert PreparedData(out_jsonl).text("valid", "tgt") == [t for _, t in pairs]
 
 
 def test_mismatched_line_counts_name_both_counts_and_write_nothing(tmp_path):

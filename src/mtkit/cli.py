@@ -148,16 +148,27 @@ def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", he
              hyp: Annotated[Optional[Path], typer.Option("--hyp", help="Hypotheses file (default: stdin, unless -m is given).")] = None,
              model: ModelOpt = None,
              src: Annotated[Optional[Path], typer.Option("--src", help="With -m: source file to translate, then score.")] = None,
-             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter, signature).")] = False,
+             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter, bleu_lc, signature; bootstrap if asked).")] = False,
+             baseline: Annotated[Path | None, typer.Option("--baseline", metavar="FILE", help="Baseline system's hypotheses: paired bootstrap test of the hypotheses against it (sacrebleu --paired-bs), printing both systems' BLEU and chrF with bootstrap mean, 95% CI and the p-value of the difference.")] = None,
+             confidence: Annotated[bool, typer.Option("--confidence", help="95% confidence intervals of BLEU and chrF by bootstrap resampling (sacrebleu --confidence); implied by --baseline.")] = False,
+             bootstrap_samples: Annotated[int, typer.Option("--bootstrap-samples", min=1, help="Bootstrap resamples for --baseline / --confidence (sacrebleu's default).")] = 1000,
+             seed: Annotated[int, typer.Option("--seed", min=1, help="Seed of the resampling (sacrebleu's default; sacrebleu takes 0 as unseeded).")] = 12345,
              beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
              max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto"):
-    """Score translations with sacreBLEU (BLEU, chrF, TER) and print their signatures."""
+    """Score translations with sacreBLEU (BLEU, chrF, TER) and print their signatures.
+
+    BLEU-lc beside them is BLEU of the lowercased text, 13a-tokenized (the figure tutorials report): not comparable
+    to sacreBLEU. Paired significance test: mtkit evaluate --ref REF --hyp NEW.txt --baseline OLD.txt
+    """
     from mtkit.data.corpus import read_lines
-    from mtkit.evaluate import format_report, score
+    from mtkit.evaluate import bootstrap, check_counts, format_report, score
 
     if not ref:
         raise UserError("--ref is required (one or more reference files)")
-    refs = [read_lines(r) for r in ref]
+    refs, ref_names = [read_lines(r) for r in ref], [str(r) for r in ref]
+    base = (str(baseline), read_lines(baseline)) if baseline is not None else None
+    if base is not None:
+        check_counts(base[1], refs, (base[0], ref_names))
     if model is not None:
         if src is None:
             raise UserError("-m/--model needs --src, the source file to translate")
@@ -167,7 +178,9 @@ def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", he
         hyps, hyp_name = _load_translator(model, beam, length_penalty, greedy, max_tokens, device).translate(sources), f"translation of {src}"
     else:
         hyps, hyp_name = _read_input(hyp), str(hyp or "<stdin>")
-    result = score(hyps, refs, names=(hyp_name, [str(r) for r in ref]))
+    result = score(hyps, refs, names=(hyp_name, ref_names))
+    if base is not None or confidence:
+        result["bootstrap"] = bootstrap((hyp_name, hyps), refs, ref_names, base, bootstrap_samples, seed)
     if as_json:
         result.pop("bleu_detail", None)
         typer.echo(json.dumps(result))

@@ -47,6 +47,13 @@ class DataConfig:
     """Training pairs with more subword tokens than this on either side are dropped."""
     max_length_ratio: float | None = 3.0
     """Training pairs whose subword length ratio (longer/shorter) exceeds this are dropped; None: off."""
+    dedup: bool = False
+    """Drop exact duplicate training pairs (after cleaning), keeping the first; hashes live on disk."""
+    num_proc: int | Literal["auto"] = "auto"
+    """Processes that decode, clean and encode chunks of pairs; 1: in-process; auto: every CPU core,
+    in-process below 100k training pairs."""
+    shard_size: int = 1_000_000
+    """Pairs per binary shard file of a prepared split."""
 
 
 @dataclass
@@ -63,8 +70,11 @@ class TokenizerConfig:
     """Share of characters covered by the model; the rest goes through byte fallback."""
     byte_fallback: bool = True
     """Spell unseen characters as UTF-8 bytes instead of <unk>."""
-    input_sentence_size: int | None = None
-    """Train SentencePiece on a random sample of this many sentences; None: all."""
+    input_sentence_size: int | None = 2_000_000
+    """Train SentencePiece on a random sample of at most this many sentences (both sides when
+    joint); bounds its memory and time however large the corpus; None: all."""
+    seed: int = 1
+    """Seed of that sample (prepare is reproducible)."""
 
 
 @dataclass
@@ -104,6 +114,9 @@ class TrainConfig:
     auto: on CUDA the largest budget that fits in memory (probed at start), on CPU 4096."""
     accum_steps: int = 1
     """Batches whose gradients are summed before one optimizer step."""
+    pool_size: int | None = 1_000_000
+    """Sort by length within pools of this many pairs drawn from random parts of the corpus (Marian's
+    maxi-batches), so batching memory does not grow with it; None: one pool, the whole corpus."""
     max_steps: int = 100000
     """Stop after this many optimizer steps (paper base: 100k)."""
     max_epochs: int | None = None
@@ -258,7 +271,9 @@ def _check(cfg: RunConfig) -> list[str]:
                        ("train.valid_every", t.valid_every), ("train.log_every", t.log_every),
                        ("train.keep_last", t.keep_last), ("decode.beam_size", cfg.decode.beam_size),
                        ("decode.max_tokens", cfg.decode.max_tokens),
-                       ("tokenizer.vocab_size", cfg.tokenizer.vocab_size)]:
+                       ("tokenizer.vocab_size", cfg.tokenizer.vocab_size), ("data.num_proc", d.num_proc),
+                       ("data.shard_size", d.shard_size), ("train.pool_size", t.pool_size),
+                       ("tokenizer.input_sentence_size", cfg.tokenizer.input_sentence_size)]:
         if isinstance(value, int) and value < 1:
             problems.append(f"{key} must be >= 1, got {value}")
     for key, value in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),

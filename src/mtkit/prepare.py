@@ -1,7 +1,9 @@
-"""`mtkit prepare`: corpus -> cleaned pairs -> SentencePiece -> binary shards + manifest.
+"""`mtkit prepare`: corpus -> cleaned pairs -> SentencePiece -> binary shards + manifest, streamed.
 
-The output directory appears whole or not at all: everything is written to a temporary sibling
-that is renamed into place at the end.
+Two passes over the training split, never holding it in memory: the first draws the bounded sample
+SentencePiece trains on; the second decodes, cleans, encodes and filters chunks of pairs in worker
+processes (in order) and appends them to shards. The output directory appears whole or not at
+all: everything is written to a temporary sibling that is renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -10,26 +12,256 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain
+from multiprocessing import get_context
 from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
 
 from mtkit import __version__
 from mtkit.config import RunConfig, config_to_dict
-from mtkit.data.corpus import clean, length_filter, read_split
-from mtkit.data.shards import MANIFEST, write_ids
-from mtkit.data.vocab import Vocab, train_sentencepiece
+from mtkit.data.corpus import (
+    Chunk,
+    SeenPairs,
+    clean_pairs,
+    decode_chunk,
+    pair_hashes,
+    read_chunks,
+    split_sources,
+)
+from mtkit.data.shards import FORMAT, MANIFEST, ShardWriter, id_dtype
+from mtkit.data.vocab import Vocab, sample_pairs, sample_size, train_vocab
 from mtkit.errors import UserError
 
 log = logging.getLogger("mtkit")
 
+CHUNK_PAIRS = 10_000
+"""Pairs per unit of work sent to a worker."""
+AUTO_IN_PROCESS_BELOW = 100_000
+"""num_proc auto: training splits smaller than this are encoded in-process (workers cost more)."""
 
-def _train_vocab(train_src: list[str], train_tgt: list[str], cfg: RunConfig) -> Vocab:
+
+@dataclass(frozen=True)
+class Filters:
+    """What happens to a chunk's pairs after decoding and cleaning."""
+
+    max_len: int | None
+    """Drop pairs with more subwords than this on either side; None: keep every pair (evaluation splits)."""
+    max_ratio: float | None
+    """Drop pairs whose length ratio exceeds this (with max_len only); None: off."""
+    hashes: bool
+    """Return pair hashes for deduplication."""
+    text: bool
+    """Return the cleaned text (written beside the shards of evaluation splits)."""
+    dtypes: tuple[str, str]
+    """Source and target id dtypes."""
+
+
+@dataclass
+class Encoded:
+    """One chunk's kept pairs: concatenated ids and lengths per side, and what was dropped."""
+
+    src: np.ndarray
+    src_lens: np.ndarray
+    tgt: np.ndarray
+    tgt_lens: np.ndarray
+    dropped: dict[str, int]
+    hashes: list[bytes] | None
+    text: tuple[list[str], list[str]] | None
+
+    def select(self, keep: np.ndarray) -> Encoded:
+        """The pairs where `keep` is True (text and hashes are not carried)."""
+        return Encoded(self.src[np.repeat(keep, self.src_lens)], self.src_lens[keep],
+                       self.tgt[np.repeat(keep, self.tgt_lens)], self.tgt_lens[keep], self.dropped, None, None)
+
+
+def _length_filter(s: np.ndarray, t: np.ndarray, f: Filters) -> tuple[np.ndarray, dict[str, int]]:
+    """Mask of the pairs kept by the subword length and length-ratio filters, and the counts dropped."""
+    too_long = (s > f.max_len) | (t > f.max_len)
+    bad_ratio = np.zeros_like(too_long)
+    if f.max_ratio is not None:
+        bad_ratio = ~too_long & (np.maximum(s, t) > f.max_ratio * np.maximum(1, np.minimum(s, t)))
+    return ~(too_long | bad_ratio), {"too_long": int(too_long.sum()), "length_ratio": int(bad_ratio.sum())}
+
+
+def _flat(ids: list[list[int]], dtype: str) -> np.ndarray:
+    return np.fromiter(chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
+
+
+def encode_chunk(chunk: Chunk, f: Filters, vocab: Vocab, threads: int | None = None) -> Encoded:
+    """Decode, clean, encode and filter one chunk; errors name the file and line."""
+    src, tgt, empty = clean_pairs(*decode_chunk(chunk))
+    src_ids = vocab.src.encode(src, num_threads=threads)
+    tgt_ids = vocab.tgt.encode(tgt, num_threads=threads)
+    s = np.fromiter(map(len, src_ids), dtype=np.int32, count=len(src_ids))
+    t = np.fromiter(map(len, tgt_ids), dtype=np.int32, count=len(tgt_ids))
+    dropped = {"empty": empty}
+    if f.max_len is not None:
+        keep, more = _length_filter(s, t, f)
+        dropped.update(more)
+        if not keep.all():
+            index = np.flatnonzero(keep)
+            src, tgt = [src[i] for i in index], [tgt[i] for i in index]
+            src_ids, tgt_ids, s, t = [src_ids[i] for i in index], [tgt_ids[i] for i in index], s[keep], t[keep]
+    return Encoded(_flat(src_ids, f.dtypes[0]), s, _flat(tgt_ids, f.dtypes[1]), t, dropped,
+                   pair_hashes(src, tgt) if f.hashes else None, (src, tgt) if f.text else None)
+
+
+_WORKER_VOCAB: Vocab | None = None  # set once per worker process by _init_worker
+
+
+def _init_worker(src_model: bytes, tgt_model: bytes | None) -> None:
+    global _WORKER_VOCAB
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _WORKER_VOCAB = Vocab(src_model, tgt_model)
+
+
+def _encode_in_worker(chunk: Chunk, f: Filters) -> Encoded:
+    return encode_chunk(chunk, f, _WORKER_VOCAB, threads=1)
+
+
+def _ordered(pool: ProcessPoolExecutor, tasks: Iterable[tuple[Chunk, Filters]], depth: int) -> Iterator[Encoded]:
+    """Results in task order with at most `depth` tasks in flight (Pool.imap would read the whole
+    corpus into its queue)."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.submit(_encode_in_worker, *task))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _num_proc(cfg: RunConfig, train_pairs: int) -> int:
+    if cfg.data.num_proc != "auto":
+        return cfg.data.num_proc
+    return 1 if train_pairs < AUTO_IN_PROCESS_BELOW else len(os.sched_getaffinity(0))
+
+
+@contextmanager
+def _encoder(vocab: Vocab, procs: int) -> Iterator[Callable[[Iterable], Iterator[Encoded]]]:
+    """A function mapping (chunk, filters) tasks to Encoded results, in order, on `procs` processes."""
+    if procs == 1:
+        yield lambda tasks: (encode_chunk(chunk, f, vocab) for chunk, f in tasks)
+        return
+    pool = ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=(vocab.src_model, None if vocab.joint else vocab.tgt_model))
+    try:
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited by the workers
+        try:
+            for started in [pool.submit(int) for _ in range(procs)]:  # every worker starts with SIGINT ignored
+                started.result()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        yield lambda tasks: _ordered(pool, tasks, depth=2 * procs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sample_text(cfg: RunConfig) -> tuple[list[str], list[str], int]:
+    """First pass over the training split: its cleaned sample for SentencePiece and its pair count."""
+    with tqdm(desc="read train", unit=" pairs", disable=None, leave=False) as bar:
+        chunks = (bar.update(len(chunk.items)) or chunk for chunk in read_chunks(cfg.data, "train", CHUNK_PAIRS))
+        sample, seen = sample_pairs(chunks, sample_size(cfg.tokenizer), cfg.tokenizer.seed)
+    src, tgt = [], []
+    while sample and sample.items:  # a slice at a time, freeing the raw pairs as their text is made
+        part = Chunk(sample.kind, sample.names, sample.items[:CHUNK_PAIRS], numbers=sample.numbers[:CHUNK_PAIRS])
+        del sample.items[:CHUNK_PAIRS], sample.numbers[:CHUNK_PAIRS]
+        more_src, more_tgt, _ = clean_pairs(*decode_chunk(part))
+        src += more_src
+        tgt += more_tgt
+    return src, tgt, seen
+
+
+def _train_vocab(cfg: RunConfig) -> tuple[Vocab, int]:
+    start = time.time()
+    src, tgt, seen = _sample_text(cfg)
+    if not src:
+        raise UserError(f"data.splits.train: no sentence pairs left after cleaning ({cfg.data.splits['train']})")
     tok = cfg.tokenizer
-    if tok.joint:
-        return Vocab(train_sentencepiece(train_src + train_tgt, tok))
-    return Vocab(train_sentencepiece(train_src, tok),
-                 train_sentencepiece(train_tgt, tok))
+    log.info("read %d training pairs in %.1f s; training SentencePiece (%s, %d pieces, %s) on %d of them",
+             seen, time.time() - start, tok.type, tok.vocab_size, "joint" if tok.joint else "separate", len(src))
+    start = time.time()
+    vocab = train_vocab(src, tgt, tok)
+    log.info("trained SentencePiece in %.1f s", time.time() - start)
+    return vocab, seen
+
+
+class _TextWriter:
+    """The cleaned text of an evaluation split, one file per side."""
+
+    def __init__(self, directory: Path, split: str):
+        self.files = [open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n")  # noqa: SIM115
+                      for side in ("src", "tgt")]
+
+    def write(self, text: tuple[list[str], list[str]]) -> None:
+        for f, lines in zip(self.files, text):
+            f.write("".join(f"{line}\n" for line in lines))
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def _write_split(encode: Callable, cfg: RunConfig, vocab: Vocab, name: str, tmp: Path) -> dict:
+    """Second pass over one split: encoded chunks -> (dedup) -> shards; returns its manifest entry."""
+    d, train, start = cfg.data, name == "train", time.time()
+    f = Filters(d.max_tokens_per_sentence if train else None, d.max_length_ratio, train and d.dedup, not train,
+                (id_dtype(vocab.src_size).name, id_dtype(vocab.tgt_size).name))
+    writer = ShardWriter(tmp, name, d.shard_size, (np.dtype(f.dtypes[0]), np.dtype(f.dtypes[1])))
+    text = None if train else _TextWriter(tmp, name)
+    seen = SeenPairs(tmp / ".dedup.sqlite") if f.hashes else None
+    dropped = {"empty": 0, **({"too_long": 0, "length_ratio": 0} if train else {}), **({"duplicate": 0} if seen else {})}
+    bar = tqdm(desc=f"encode {name}", unit=" pairs", disable=None, leave=False)
+    try:
+        for enc in encode((chunk, f) for chunk in read_chunks(d, name, CHUNK_PAIRS)):
+            for key, count in enc.dropped.items():
+                dropped[key] += count
+            if text:
+                text.write(enc.text)
+            if seen:
+                keep = seen.first_seen(enc.hashes)
+                dropped["duplicate"] += int((~keep).sum())
+                enc = enc.select(keep)
+            writer.append(enc.src, enc.src_lens, enc.tgt, enc.tgt_lens)
+            bar.update(len(enc.src_lens))
+    finally:
+        bar.close()
+        entry = writer.close()
+        if text:
+            text.close()
+        if seen:
+            seen.close()
+            (tmp / ".dedup.sqlite").unlink()
+    entry.update(dropped=dropped, sources=split_sources(d, name))
+    log.info("encoded %s in %.1f s: %d pairs, %d + %d tokens, %d shard(s); dropped %s", name, time.time() - start,
+             entry["pairs"], entry["src_tokens"], entry["tgt_tokens"], len(entry["src"]["shards"]), dropped)
+    return entry
+
+
+def _write_manifest(cfg: RunConfig, vocab: Vocab, splits: dict, tmp: Path) -> None:
+    (tmp / "spm.src.model").write_bytes(vocab.src_model)
+    if not vocab.joint:
+        (tmp / "spm.tgt.model").write_bytes(vocab.tgt_model)
+    manifest = {
+        "format": FORMAT, "mtkit_version": __version__, "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang,
+        "vocab": {"src_model": "spm.src.model", "tgt_model": None if vocab.joint else "spm.tgt.model",
+                  "src_size": vocab.src_size, "tgt_size": vocab.tgt_size, "joint": vocab.joint},
+        "splits": splits, "config": config_to_dict(cfg),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
 def prepare(cfg: RunConfig, force: bool = False) -> Path:
@@ -38,50 +270,15 @@ def prepare(cfg: RunConfig, force: bool = False) -> Path:
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; pass --force to overwrite it")
     start = time.time()
-    splits = {}
-    for name in cfg.data.splits:
-        split, dropped = clean(read_split(cfg.data, name))
-        splits[name] = (split, dropped)
-        log.info("read %s: %d pairs kept, %d dropped as empty", name, len(split.src), dropped["empty"])
-    train = splits["train"][0]
-    if not train.src:
-        raise UserError(f"data.splits.train: no sentence pairs left after cleaning ({cfg.data.splits['train']})")
-    log.info("training SentencePiece (%s, %d pieces, %s) on %d pairs", cfg.tokenizer.type,
-             cfg.tokenizer.vocab_size, "joint" if cfg.tokenizer.joint else "separate", len(train.src))
-    vocab = _train_vocab(train.src, train.tgt, cfg)
-
+    vocab, train_pairs = _train_vocab(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        manifest_splits = {}
-        for name, (split, dropped) in splits.items():
-            src_ids, tgt_ids = vocab.encode_src(split.src), vocab.encode_tgt(split.tgt)
-            if name == "train":  # only training pairs are filtered by length; evaluation sets stay whole
-                keep, more = length_filter(src_ids, tgt_ids, cfg.data.max_tokens_per_sentence,
-                                           cfg.data.max_length_ratio)
-                dropped.update(more)
-                src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
-                split.src, split.tgt = [split.src[i] for i in keep], [split.tgt[i] for i in keep]
-            write_ids(tmp, f"{name}.src", src_ids, vocab.src_size)
-            write_ids(tmp, f"{name}.tgt", tgt_ids, vocab.tgt_size)
-            for side, lines in (("src", split.src), ("tgt", split.tgt)):
-                (tmp / f"{name}.{side}.txt").write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
-            manifest_splits[name] = {
-                "pairs": len(src_ids), "dropped": dropped, "sources": split.sources,
-                "src_tokens": sum(map(len, src_ids)), "tgt_tokens": sum(map(len, tgt_ids)),
-            }
-            log.info("encoded %s: %d pairs, %d + %d tokens, dropped %s", name, len(src_ids),
-                     manifest_splits[name]["src_tokens"], manifest_splits[name]["tgt_tokens"], dropped)
-        (tmp / "spm.src.model").write_bytes(vocab.src_model)
-        if not vocab.joint:
-            (tmp / "spm.tgt.model").write_bytes(vocab.tgt_model)
-        manifest = {
-            "mtkit_version": __version__, "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang,
-            "vocab": {"src_model": "spm.src.model", "tgt_model": None if vocab.joint else "spm.tgt.model",
-                      "src_size": vocab.src_size, "tgt_size": vocab.tgt_size, "joint": vocab.joint},
-            "splits": manifest_splits, "config": config_to_dict(cfg),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        procs = _num_proc(cfg, train_pairs)
+        log.info("encoding with %d process%s", procs, "es" if procs > 1 else "")
+        with _encoder(vocab, procs) as encode:
+            splits = {name: _write_split(encode, cfg, vocab, name, tmp) for name in cfg.data.splits}
+        _write_manifest(cfg, vocab, splits, tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.chmod(0o755)  # mkdtemp makes it private; a prepared directory is ordinary output

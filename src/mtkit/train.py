@@ -13,6 +13,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from mtkit.checkpoint import BEST, load_checkpoint, prune, remove_stray_temps, save_checkpoint, step_checkpoints
 from mtkit.config import RunConfig, config_to_dict, save_config
 from mtkit.curves import plot_curves
-from mtkit.data.batching import collate, token_batches
+from mtkit.data.batching import collate, rank_batches, step_groups, token_batches
 from mtkit.data.shards import PreparedData, TokenArray
 from mtkit.engine import (ComputeContext, Dist, init_distributed, label_smoothed_loss, make_optimizer,
                           probe_max_tokens, train_step, wrap_model)
@@ -39,7 +40,7 @@ log = logging.getLogger("mtkit")
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_epochs", "train.valid_every", "train.log_every",
                      "train.keep_last", "train.patience", "train.device", "train.threads",
-                     "train.valid_bleu_sentences", "train.compile", "decode.")
+                     "train.valid_bleu_sentences", "train.compile", "decode.", "data.num_proc", "data.shard_size")
 MAX_BAD_STEPS = 10
 
 
@@ -90,17 +91,6 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _epoch_groups(src: TokenArray, tgt: TokenArray, budget: int, seed: int, epoch: int,
-                  group: int) -> list[list[np.ndarray]]:
-    """The batches of one epoch in groups of accum_steps x world (one optimizer step each).
-
-    A function of (seed, epoch) alone, so resume rebuilds them and every rank agrees; a last
-    group that would leave a rank without a batch is dropped (the epoch's shuffle varies it).
-    """
-    batches = token_batches(src.lengths, tgt.lengths, budget, np.random.default_rng([seed, epoch]))
-    return [batches[i : i + group] for i in range(0, len(batches) - group + 1, group)]
-
-
 class _Pairs(Dataset):
     def __init__(self, src: TokenArray, tgt: TokenArray):
         self.src, self.tgt = src, tgt
@@ -116,7 +106,7 @@ def _collate_pairs(items: list) -> dict[str, torch.Tensor]:
     return collate([s for s, _ in items], [t for _, t in items])
 
 
-def _loader(src: TokenArray, tgt: TokenArray, batches: list[np.ndarray], device: torch.device) -> DataLoader:
+def _loader(src: TokenArray, tgt: TokenArray, batches: Iterator[np.ndarray], device: torch.device) -> DataLoader:
     """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA.
 
     Its own generator: starting a loader must not draw from the global RNG that dropout uses,
@@ -253,7 +243,7 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     optimizer = make_optimizer(model, t)
     state = _restore(model, optimizer, cfg, run_dir, force, ranks.main) if resume else TrainState()
     if state.max_tokens is None:  # resolved once per run, so resume rebuilds the same batches
-        longest = int(max(a.lengths.max() for a in data.split("train"))) + 1
+        longest = max(a.longest for a in data.split("train")) + 1  # from the manifest: no scan
         state.max_tokens = (probe_max_tokens(model, device, longest, autocast, data.vocab.src_size)
                             if t.max_tokens == "auto" else t.max_tokens)
         state.max_tokens = _broadcast(state.max_tokens, ranks)
@@ -338,13 +328,11 @@ def _steps(run: Run, state: TrainState, bar: tqdm, log_file) -> str:
     validated_at = state.step  # a resumed run restarts from a validated checkpoint
     bad_run = torch.zeros((), device=run.device)  # consecutive skipped (non-finite) steps
     while stop is None:
-        groups = _epoch_groups(src, tgt, state.max_tokens, t.seed, state.epoch, group_size)
-        if not groups:
-            raise UserError(f"{run.data.dir}: too few training batches for {group_size} per step")
-        start = state.batch_in_epoch // group_size
-        mine = [idx for g in groups[start:] for idx in g[ranks.rank :: ranks.world]]
+        epoch = (src.lengths, tgt.lengths, state.max_tokens, t.seed, state.epoch, group_size, t.pool_size,
+                 state.batch_in_epoch // group_size)
+        mine = rank_batches(step_groups(*epoch), ranks.rank, ranks.world)
         batches = iter(_loader(src, tgt, mine, run.device))
-        for group in groups[start:]:
+        for group in step_groups(*epoch):
             micro = [_to_device(next(batches), run.device) for _ in range(t.accum_steps)]
             n_tokens = sum(int(tgt.lengths[idx].sum()) + len(idx) for idx in group)
             lr = learning_rate(state.step + 1, cfg.model.d_model, t.warmup_steps, t.lr_factor)
@@ -365,6 +353,8 @@ def _steps(run: Run, state: TrainState, bar: tqdm, log_file) -> str:
             if stop is not None:
                 break
         else:
+            if not state.batch_in_epoch:  # not one step in a whole epoch
+                raise UserError(f"{run.data.dir}: too few training batches for {group_size} per step")
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if t.max_epochs is not None and state.epoch >= t.max_epochs:
                 stop = f"reached max_epochs {t.max_epochs}"

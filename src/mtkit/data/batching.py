@@ -1,6 +1,10 @@
-"""Token-budget batches of similar-length sentences, and padding them into tensors."""
+"""Token-budget batches of similar-length sentences, grouped into optimizer steps and shared out
+across ranks, and padding them into tensors."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
 
 import numpy as np
 import torch
@@ -31,6 +35,55 @@ def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int,
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+POOL_BLOCK = 1024
+"""Consecutive pairs that go into a pool together: pools are drawn from random parts of the corpus."""
+
+
+def pooled_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, rng: np.random.Generator,
+                   pool_size: int | None) -> Iterator[np.ndarray]:
+    """`token_batches` of one epoch, sorted within pools of `pool_size` pairs rather than the whole
+    corpus (Marian's maxi-batches), so memory is bounded by the pool, not the corpus.
+
+    A pool is a random set of blocks of POOL_BLOCK consecutive pairs; batches are shuffled within
+    their pool. A corpus no larger than one pool gives exactly `token_batches(..., rng)`.
+    """
+    n = len(src_lens)
+    if pool_size is None or n <= pool_size:
+        yield from token_batches(np.asarray(src_lens), np.asarray(tgt_lens), max_tokens, rng)
+        return
+    blocks = rng.permutation(-(-n // POOL_BLOCK))
+    per_pool = max(1, pool_size // POOL_BLOCK)
+    for first in range(0, len(blocks), per_pool):
+        ranges = [(b * POOL_BLOCK, min(n, (b + 1) * POOL_BLOCK)) for b in blocks[first : first + per_pool]]
+        index = np.concatenate([np.arange(lo, hi) for lo, hi in ranges])
+        src = np.concatenate([src_lens[lo:hi] for lo, hi in ranges])
+        tgt = np.concatenate([tgt_lens[lo:hi] for lo, hi in ranges])
+        for batch in token_batches(src, tgt, max_tokens, rng):
+            yield index[batch]
+
+
+def step_groups(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, seed: int, epoch: int, group: int,
+                pool_size: int | None, skip: int = 0) -> Iterator[list[np.ndarray]]:
+    """The batches of one epoch in groups of accum_steps x world (one optimizer step each), from group `skip` on.
+
+    A function of (seed, epoch) alone, so resume rebuilds them and every rank agrees; a last
+    group that would leave a rank without a batch is dropped (the epoch's shuffle varies it).
+    Built lazily, one pool at a time.
+    """
+    batches = pooled_batches(src_lens, tgt_lens, max_tokens, np.random.default_rng([seed, epoch]), pool_size)
+    groups = iter(lambda: list(islice(batches, group)), [])
+    for g in islice(groups, skip, None):
+        if len(g) < group:
+            return
+        yield g
+
+
+def rank_batches(groups: Iterator[list[np.ndarray]], rank: int, world: int) -> Iterator[np.ndarray]:
+    """This rank's batches of each group: the sentences a rank loads (it reads no other rank's)."""
+    for g in groups:
+        yield from g[rank::world]
 
 
 def pad(seqs: list, prefix: int | None = None, suffix: int | None = None) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Reading parallel text (local files or `datasets`) and the cleaning filters of `prepare`."""
+"""Reading parallel text (local files or `datasets`) and the cleaning filters of `prepare`.
+
+Splits are streamed in chunks of raw pairs; `decode_chunk` and the filters run where `prepare`
+puts them (worker processes), so no split is ever held in memory whole.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,20 @@ import hashlib
 import io
 import logging
 import os
+import sqlite3
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice, zip_longest
 from pathlib import Path
-from collections.abc import Iterator
 from typing import BinaryIO, Literal
+
+import numpy as np
 
 from mtkit.config import DataConfig
 from mtkit.errors import UserError
 
 log = logging.getLogger("mtkit")
-
-
-@dataclass
-class Split:
-    """One split's sentence pairs and where they came from."""
-
-    name: str
-    src: list[str]
-    tgt: list[str]
-    sources: list[str] = field(default_factory=list)
-    """Files (with sha256) or hub coordinates the pairs were read from, for the manifest."""
 
 
 def read_lines(path: str | Path, errors: Literal["strict", "replace"] = "strict") -> list[str]:
@@ -53,15 +50,21 @@ def stream_lines(path: str | Path | None, errors: Literal["strict", "replace"] =
     unreadable file is an error before the first line."""
     if path is None or str(path) == "-":
         return iter_lines(sys.stdin.buffer, "<stdin>", errors)
+    stream = open_binary(path)
+    return _closing(iter_lines(stream, str(path), errors), stream)
+
+
+def open_binary(path: str | Path) -> BinaryIO:
+    """A plain or gzipped file opened for binary reading; a missing or unreadable file is an error now."""
     path = Path(path)
     try:
-        stream = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        stream = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115 (returned open)
         stream.peek(1)  # a directory or unreadable file fails here, not half-way
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except (OSError, EOFError) as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return _closing(iter_lines(stream, str(path), errors), stream)
+    return stream
 
 
 def _closing(lines: Iterator[str], stream: BinaryIO) -> Iterator[str]:
@@ -106,7 +109,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _field(record: dict, path: str, where: str):
+def _field(record: dict, path: str, where: str) -> str:
     value = record
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -123,57 +126,145 @@ def _resolve(cfg: DataConfig, pattern: str, lang: str | None = None) -> Path:
     return base / os.path.expandvars(name)
 
 
-def _read_records(cfg: DataConfig, split: str, spec: str) -> Split:
-    """jsonl or hub records through `datasets`."""
+@dataclass
+class Chunk:
+    """Consecutive raw pairs of one split, as read; `decode_chunk` turns them into text."""
+
+    kind: Literal["text", "tsv", "records"]
+    """text: (source line, target line) as bytes; tsv: one line as bytes; records: (source, target) text."""
+    names: tuple[str, str]
+    """Where the source and the target are read from, for error messages (one file twice for tsv)."""
+    items: list
+    """The raw pairs."""
+    first: int = 1
+    """Line (record) number of items[0]; the others follow on."""
+    numbers: list[int] | None = None
+    """Line numbers of the items when they do not follow on (a sample)."""
+
+    def number(self, i: int) -> int:
+        """Line (record) number of items[i]."""
+        return self.numbers[i] if self.numbers is not None else self.first + i
+
+
+def _decode(raw: bytes, chunk: Chunk, side: int, i: int) -> str:
+    try:
+        return raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{chunk.names[side]}: line {chunk.number(i)}: invalid UTF-8 ({exc.reason})") from None
+
+
+def decode_chunk(chunk: Chunk) -> tuple[list[str], list[str]]:
+    """A chunk's pairs as text: UTF-8 decoded, line ends dropped, tsv split; errors name the file and line."""
+    if chunk.kind == "records":
+        return [s for s, _ in chunk.items], [t for _, t in chunk.items]
+    src, tgt = [], []
+    if chunk.kind == "tsv":
+        for i, raw in enumerate(chunk.items):
+            cols = _decode(raw, chunk, 0, i).split("\t")
+            if len(cols) != 2:
+                raise UserError(f"{chunk.names[0]}: line {chunk.number(i)}: expected 2 tab-separated columns, "
+                                f"found {len(cols)}")
+            src.append(cols[0])
+            tgt.append(cols[1])
+        return src, tgt
+    for i, (s, t) in enumerate(chunk.items):
+        src.append(_decode(s, chunk, 0, i))
+        tgt.append(_decode(t, chunk, 1, i))
+    return src, tgt
+
+
+def _raw_lines(stream: BinaryIO, path: Path) -> Iterator[bytes]:
+    """Undecoded lines (binary iteration splits on b"\\n" only); a read error mid-file names the file."""
+    try:
+        yield from stream
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+
+
+def _text_paths(cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    spec = cfg.splits[split]
+    if "{lang}" not in spec:
+        raise UserError(f"data.splits.{split}: {spec!r} needs '{{lang}}' for format text, e.g. train.{{lang}}.gz")
+    return _resolve(cfg, spec, cfg.src_lang), _resolve(cfg, spec, cfg.tgt_lang)
+
+
+def _text_chunks(src_path: Path, tgt_path: Path, size: int) -> Iterator[Chunk]:
+    """Line pairs of two files; differing line counts are an error naming both counts."""
+    names = (str(src_path), str(tgt_path))
+    with open_binary(src_path) as fs, open_binary(tgt_path) as ft:
+        pairs = zip_longest(_raw_lines(fs, src_path), _raw_lines(ft, tgt_path))
+        first = 1
+        while items := list(islice(pairs, size)):
+            if items[-1][0] is None or items[-1][1] is None:  # one file ended before the other
+                counts = [first - 1 + sum(x is not None for x in side) for side in zip(*items)]
+                for s, t in pairs:
+                    counts[0], counts[1] = counts[0] + (s is not None), counts[1] + (t is not None)
+                raise UserError(f"{src_path} has {counts[0]} lines but {tgt_path} has {counts[1]}: "
+                                "a parallel corpus needs equal counts")
+            yield Chunk("text", names, items, first)
+            first += len(items)
+
+
+def _tsv_chunks(path: Path, size: int) -> Iterator[Chunk]:
+    with open_binary(path) as f:
+        lines, first = _raw_lines(f, path), 1
+        while items := list(islice(lines, size)):
+            yield Chunk("tsv", (str(path), str(path)), items, first)
+            first += len(items)
+
+
+def _records(ds: Iterable, where: str) -> Iterator[dict]:
+    try:
+        yield from ds
+    except Exception as exc:  # noqa: BLE001 (datasets and pyarrow raise many types; all mean "cannot read")
+        raise UserError(f"{where}: cannot read through datasets ({str(exc).splitlines()[0]})") from None
+
+
+def _record_chunks(cfg: DataConfig, split: str, size: int) -> Iterator[Chunk]:
+    """jsonl or hub records, streamed through `datasets` (streaming=True: nothing cached whole)."""
     import datasets  # heavy import, only where needed
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become our one line
     datasets.disable_progress_bars()
-    src_field, tgt_field = cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang
+    spec = cfg.splits[split]
     if cfg.format == "jsonl":
         path = _resolve(cfg, spec)
         if not path.is_file():
             raise UserError(f"{path}: file not found (data.splits.{split})")
-        where, sources = str(path), [f"{path} sha256:{file_sha256(path)}"]
-        load = lambda: datasets.load_dataset("json", data_files=str(path), split="train")  # noqa: E731
+        where = str(path)
+        load = lambda: datasets.load_dataset("json", data_files=where, split="train", streaming=True)
     else:
         where = f"{cfg.hub_name}[{cfg.hub_config or ''}]:{spec}"
-        sources = [where]
-        load = lambda: datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=spec)  # noqa: E731
+        load = lambda: datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=spec, streaming=True)
     try:
-        ds = load()
-    except Exception as exc:  # datasets raises many types; all mean "could not load this"
+        records = _records(load(), where)
+    except Exception as exc:  # noqa: BLE001 (as above)
         raise UserError(f"{where}: cannot load through datasets ({str(exc).splitlines()[0]})") from None
-    src, tgt = [], []
-    for i, record in enumerate(ds, 1):
-        src.append(_field(record, src_field, f"{where} record {i}"))
-        tgt.append(_field(record, tgt_field, f"{where} record {i}"))
-    return Split(split, src, tgt, sources)
+    src_field, tgt_field = cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang
+    first = 1
+    while batch := list(islice(records, size)):
+        items = [(_field(r, src_field, f"{where} record {first + i}"), _field(r, tgt_field, f"{where} record {first + i}"))
+                 for i, r in enumerate(batch)]
+        yield Chunk("records", (where, where), items, first)
+        first += len(items)
 
 
-def read_split(cfg: DataConfig, split: str) -> Split:
-    """Read one split as aligned pairs; mismatched line counts are an error naming both."""
-    spec = cfg.splits[split]
+def read_chunks(cfg: DataConfig, split: str, size: int) -> Iterator[Chunk]:
+    """One split's raw pairs in chunks of `size`, streamed from its files or through `datasets`."""
     if cfg.format in ("jsonl", "hub"):
-        return _read_records(cfg, split, spec)
+        return _record_chunks(cfg, split, size)
     if cfg.format == "tsv":
-        path = _resolve(cfg, spec)
-        src, tgt = [], []
-        for number, line in enumerate(read_lines(path), 1):
-            cols = line.split("\t")
-            if len(cols) != 2:
-                raise UserError(f"{path}: line {number}: expected 2 tab-separated columns, found {len(cols)}")
-            src.append(cols[0])
-            tgt.append(cols[1])
-        return Split(split, src, tgt, [f"{path} sha256:{file_sha256(path)}"])
-    if "{lang}" not in spec:
-        raise UserError(f"data.splits.{split}: {spec!r} needs '{{lang}}' for format text, e.g. train.{{lang}}.gz")
-    src_path, tgt_path = _resolve(cfg, spec, cfg.src_lang), _resolve(cfg, spec, cfg.tgt_lang)
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise UserError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: a parallel corpus needs equal counts")
-    sources = [f"{p} sha256:{file_sha256(p)}" for p in (src_path, tgt_path)]
-    return Split(split, src, tgt, sources)
+        return _tsv_chunks(_resolve(cfg, cfg.splits[split]), size)
+    return _text_chunks(*_text_paths(cfg, split), size)
+
+
+def split_sources(cfg: DataConfig, split: str) -> list[str]:
+    """Files (with sha256) or hub coordinates a split was read from, for the manifest."""
+    spec = cfg.splits[split]
+    if cfg.format == "hub":
+        return [f"{cfg.hub_name}[{cfg.hub_config or ''}]:{spec}"]
+    paths = _text_paths(cfg, split) if cfg.format == "text" else (_resolve(cfg, spec),)
+    return [f"{p} sha256:{file_sha256(p)}" for p in paths]
 
 
 def normalize(text: str) -> str:
@@ -181,28 +272,46 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def clean(split: Split) -> tuple[Split, dict[str, int]]:
-    """Normalise whitespace and drop pairs with an empty side; returns the counts dropped."""
-    src, tgt, empty = [], [], 0
-    for s, t in zip(split.src, split.tgt):
+def clean_pairs(src: list[str], tgt: list[str]) -> tuple[list[str], list[str], int]:
+    """Normalise whitespace and drop pairs with an empty side; returns the pairs kept and the count dropped."""
+    kept_src, kept_tgt = [], []
+    for s, t in zip(src, tgt):
         s, t = normalize(s), normalize(t)
-        if not s or not t:
-            empty += 1
-            continue
-        src.append(s)
-        tgt.append(t)
-    return Split(split.name, src, tgt, split.sources), {"empty": empty}
+        if s and t:
+            kept_src.append(s)
+            kept_tgt.append(t)
+    return kept_src, kept_tgt, len(src) - len(kept_src)
 
 
-def length_filter(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len: int,
-                  max_ratio: float | None) -> tuple[list[int], dict[str, int]]:
-    """Indices of pairs kept by the subword length and length-ratio filters, and the counts dropped."""
-    keep, too_long, bad_ratio = [], 0, 0
-    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
-        if len(s) > max_len or len(t) > max_len:
-            too_long += 1
-        elif max_ratio is not None and max(len(s), len(t)) > max_ratio * max(1, min(len(s), len(t))):
-            bad_ratio += 1
-        else:
-            keep.append(i)
-    return keep, {"too_long": too_long, "length_ratio": bad_ratio}
+def pair_hashes(src: list[str], tgt: list[str]) -> list[bytes]:
+    """128-bit hashes of cleaned pairs (a tab cannot occur inside a cleaned sentence)."""
+    return [hashlib.blake2b(f"{s}\t{t}".encode(), digest_size=16).digest() for s, t in zip(src, tgt)]
+
+
+class SeenPairs:
+    """Exact-duplicate detection over pair hashes kept in an on-disk SQLite table: the process holds
+    only a bounded page cache however large the corpus."""
+
+    def __init__(self, path: Path, cache_mb: int = 64):
+        self.db = sqlite3.connect(path)
+        self.db.executescript(f"PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-{cache_mb * 1024};"
+                              "CREATE TABLE seen (h BLOB PRIMARY KEY) WITHOUT ROWID;")
+
+    def first_seen(self, hashes: list[bytes]) -> np.ndarray:
+        """Mask of the hashes seen neither earlier in the list nor in an earlier call; remembers them."""
+        first: dict[bytes, int] = {}
+        for i, h in enumerate(hashes):
+            first.setdefault(h, i)
+        candidates, old = list(first), set()
+        for start in range(0, len(candidates), 500):  # under SQLite's limit on bound parameters
+            part = candidates[start : start + 500]
+            query = f"SELECT h FROM seen WHERE h IN ({','.join('?' * len(part))})"
+            old.update(row[0] for row in self.db.execute(query, part))
+        new = [h for h in candidates if h not in old]
+        self.db.executemany("INSERT INTO seen VALUES (?)", [(h,) for h in new])
+        keep = np.zeros(len(hashes), dtype=bool)
+        keep[[first[h] for h in new]] = True
+        return keep
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,21 +1,55 @@
-"""SentencePiece subword models: training on the training split, encoding and decoding."""
+"""SentencePiece subword models: training on a bounded sample of the training split, encoding and decoding."""
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable
 
+import numpy as np
 import sentencepiece as spm
 
 from mtkit.config import TokenizerConfig
+from mtkit.data.corpus import Chunk
 from mtkit.errors import UserError
 
 # Fixed special ids shared by every vocabulary (model.py names them PAD, UNK, BOS, EOS).
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 
 
+def sample_size(cfg: TokenizerConfig) -> int | None:
+    """Pairs to sample so that each SentencePiece model sees at most input_sentence_size sentences."""
+    if cfg.input_sentence_size is None:
+        return None
+    return max(1, cfg.input_sentence_size // 2) if cfg.joint else cfg.input_sentence_size
+
+
+def sample_pairs(chunks: Iterable[Chunk], size: int | None, seed: int) -> tuple[Chunk | None, int]:
+    """A uniform random sample of at most `size` raw pairs from a stream of chunks, and the pairs seen.
+
+    Vitter's algorithm R, seeded: memory is bounded by `size`, not by the corpus. While the stream
+    has no more than `size` pairs the sample is all of them, in order.
+    """
+    rng = np.random.default_rng(seed)
+    items, numbers, seen, head = [], [], 0, None
+    for chunk in chunks:
+        head = head or chunk
+        n = len(chunk.items)
+        fill = n if size is None else max(0, min(n, size - seen))
+        items.extend(chunk.items[:fill])
+        numbers.extend(range(chunk.number(0), chunk.number(0) + fill))
+        if fill < n:  # pair t (0-based) takes a random slot j with probability size / (t + 1)
+            slots = rng.integers(0, np.arange(seen + fill, seen + n) + 1)
+            for i in np.flatnonzero(slots < size):
+                items[slots[i]], numbers[slots[i]] = chunk.items[fill + i], chunk.number(fill + i)
+        seen += n
+    if head is None:
+        return None, 0
+    return Chunk(head.kind, head.names, items, numbers=numbers), seen
+
+
 def train_sentencepiece(sentences: list[str], cfg: TokenizerConfig) -> bytes:
-    """Train a SentencePiece model on `sentences`; return the serialized model."""
+    """Train a SentencePiece model on `sentences` (already a sample); return the serialized model."""
     buffer = io.BytesIO()
     options = dict(
         sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=cfg.vocab_size,
@@ -23,14 +57,19 @@ def train_sentencepiece(sentences: list[str], cfg: TokenizerConfig) -> bytes:
         byte_fallback=cfg.byte_fallback, num_threads=os.cpu_count() or 1, minloglevel=2,
         **SPECIAL_IDS,
     )
-    if cfg.input_sentence_size is not None:
-        options.update(input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True)
     try:
         spm.SentencePieceTrainer.train(**options)
     except RuntimeError as exc:
         message = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
         raise UserError(f"tokenizer: SentencePiece training failed: {message}") from None
     return buffer.getvalue()
+
+
+def train_vocab(src: list[str], tgt: list[str], cfg: TokenizerConfig) -> Vocab:
+    """One joint model on both sides, or one model per side."""
+    if cfg.joint:
+        return Vocab(train_sentencepiece(src + tgt, cfg))
+    return Vocab(train_sentencepiece(src, cfg), train_sentencepiece(tgt, cfg))
 
 
 def load_processor(model: bytes) -> spm.SentencePieceProcessor:
@@ -78,5 +117,5 @@ class Vocab:
         return {"src": self.src_model, "tgt": None if self.joint else self.tgt_model}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Vocab":
+    def from_state(cls, state: dict) -> Vocab:
         return cls(state["src"], state.get("tgt"))
