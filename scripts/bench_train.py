@@ -27,13 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchlib import machine, publish
+from benchlib import finish, machine
 from mtkit.config import ModelConfig, RunConfig, load_config
 from mtkit.data.batching import collate, token_batches
 from mtkit.data.shards import PreparedData
 from mtkit.engine import (CPU_AUTO_MAX_TOKENS, ComputeContext, Dist, make_optimizer, probe_max_tokens,
                           train_step, wrap_model)
-from mtkit.errors import UserError
 from mtkit.model import BOS, EOS, PAD, Transformer, count_parameters
 from mtkit.train import learning_rate
 from mtkit.translate import pick_device
@@ -474,13 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="bench_train: %(message)s")
     if not check_peer(args.no_peer):
         return 2
-    try:
-        result = run(args)
-    except UserError as exc:
-        print(f"bench_train: error: {exc}", file=sys.stderr)
-        return 2
-    publish(report(result), result, args.out)
-    return 0
+    return finish("bench_train", lambda: run(args), report, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from benchlib import machine, publish
+from benchlib import finish, machine
 
 # hf_peer imports transformers only when a model is converted: safe to import without it.
 from hf_peer import DIFFERENCES as HF_DIFFERENCES
@@ -295,14 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print('bench_translate: error: the peer needs CTranslate2; install it with\n    pip install "mtkit[ct2]"',
               file=sys.stderr)
         return 2
-    try:
-        with tempfile.TemporaryDirectory(prefix="mtkit-ct2-") as tmp:
-            result = run(args, Path(tmp) / "model")
-    except UserError as exc:
-        print(f"bench_translate: error: {exc}", file=sys.stderr)
-        return 2
-    publish(report(result), result, args.out)
-    return 0
+    with tempfile.TemporaryDirectory(prefix="mtkit-ct2-") as tmp:
+        return finish("bench_translate", lambda: run(args, Path(tmp) / "model"), report, args.out)
 
 
 if __name__ == "__main__":

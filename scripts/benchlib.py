@@ -6,9 +6,12 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from mtkit.errors import UserError
 
 
 def machine(device: str | torch.device) -> dict:
@@ -34,3 +37,14 @@ def publish(table: str, result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}", file=sys.stderr)
+
+
+def finish(name: str, run: Callable[[], dict], report: Callable[[dict], str], out: Path) -> int:
+    """Run a benchmark and publish it; a user mistake is one error line and exit code 2."""
+    try:
+        result = run()
+    except UserError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    publish(report(result), result, out)
+    return 0

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import tee
 from pathlib import Path
 
 import numpy as np
@@ -330,9 +331,11 @@ def _steps(run: Run, state: TrainState, bar: tqdm, log_file) -> str:
     while stop is None:
         epoch = (src.lengths, tgt.lengths, state.max_tokens, t.seed, state.epoch, group_size, t.pool_size,
                  state.batch_in_epoch // group_size)
-        mine = rank_batches(step_groups(*epoch), ranks.rank, ranks.world)
-        batches = iter(_loader(src, tgt, mine, run.device))
-        for group in step_groups(*epoch):
+        # One build of the epoch's batches for both readers; tee holds only what the loader's
+        # prefetch is ahead of the loop.
+        for_loader, for_steps = tee(step_groups(*epoch))
+        batches = iter(_loader(src, tgt, rank_batches(for_loader, ranks.rank, ranks.world), run.device))
+        for group in for_steps:
             micro = [_to_device(next(batches), run.device) for _ in range(t.accum_steps)]
             n_tokens = sum(int(tgt.lengths[idx].sum()) + len(idx) for idx in group)
             lr = learning_rate(state.step + 1, cfg.model.d_model, t.warmup_steps, t.lr_factor)
