@@ -4,7 +4,7 @@ Hugging Face transformers' `generate` on the same weights (scripts/hf_peer.py) w
 
     python scripts/bench_translate.py [-m runs/quickstart] [--src FILE] [--ref FILE] [--beam 4]
         [--length-penalty A] [--max-tokens N] [--repeats 3] [--lines N] [--threads N]
-        [--device cpu|cuda] [--out results/bench_translate.json]
+        [--device cpu|cuda] [--systems NAME ...] [--out results/bench_translate.json]
 
 Prints a table on stdout, logs on stderr, writes the figures as JSON; top-level "ratio" = mtkit /
 CTranslate2 sentences/s, both in float32 (above 1 = mtkit faster), with the BLEU of each output;
@@ -66,6 +66,9 @@ NOTES = [
 ]
 
 
+SYSTEMS = ("mtkit fp32", "mtkit int8", "ct2 float32", "ct2 int8")
+
+
 @dataclass
 class System:
     """One side of the comparison: a name and a function from lines to translations."""
@@ -92,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lines", type=int, default=None, help="translate only the first N lines")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default torch's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both run (default cpu)")
+    p.add_argument("--systems", nargs="+", choices=[*SYSTEMS, "hf"], default=None,
+                   help="run only these (default all; mtkit fp32 and ct2 float32 always run, they give the ratio)")
     p.add_argument("--out", type=Path, default=Path("results/bench_translate.json"), help="JSON result file")
     args = p.parse_args(argv)
     for name in ("beam", "repeats", "lines", "threads", "max_tokens"):
@@ -109,9 +114,6 @@ def read_lines(path: Path, limit: int | None) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read ({exc})") from None
     return lines[:limit]
-
-
-SYSTEMS = ("mtkit fp32", "mtkit int8", "ct2 float32", "ct2 int8")
 
 
 def transformers_version() -> str | None:
@@ -258,9 +260,12 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
         raise UserError(f"{args.src} has {len(src)} lines but {args.ref} has {len(refs)}")
     export_ctranslate2(path, ct2_dir, force=True)
     settings = {"beam_size": args.beam, **decode}
-    names, skipped, other_peers = SYSTEMS, [], []
-    hf_version = transformers_version()
-    if hf_version is None:
+    wanted = set(args.systems or (*SYSTEMS, "hf")) | {"mtkit fp32", "ct2 float32"}
+    names, skipped, other_peers = tuple(n for n in SYSTEMS if n in wanted), [], []
+    hf_version = transformers_version() if "hf" in wanted else None
+    if "hf" not in wanted:
+        skipped.append(f"{HF}: not asked for (--systems)")
+    elif hf_version is None:
         skipped.append(f"{HF}: transformers is not importable ({HF_INSTALL})")
     else:
         names += (HF,)

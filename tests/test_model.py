@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import tiny_model_config
 from mtkit.config import ModelConfig
 from mtkit.model import BOS, EOS, PAD, KVCache, MultiHeadAttention, Transformer, count_parameters, sinusoids
 from mtkit.search import beam_search, greedy_search
+from mtkit.translate import for_cpu_inference
 
 V = 32
 
@@ -135,6 +137,23 @@ def test_output_length_is_limited_by_source_plus_offset():
         assert len(tokens) <= 4 + 3  # 4 source tokens + EOS
     for hyps in beam_search(model, src, beam_size=3, max_len_offset=3):
         assert all(len(h.tokens) <= 4 + 3 for h in hyps)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_cpu_decoding_path_gives_the_training_path_logits(norm):
+    """Inference on CPU attends with two matmuls instead of SDPA, and `for_cpu_inference` fuses
+    q/k/v into one layer and packs every linear layer (ReLU folded in): same logits as training's path."""
+    model = tiny(norm=norm, n_layers=2)
+    src = torch.cat([random_src(1, 7), torch.cat([random_src(2, 4), torch.full((2, 3), PAD)], 1)])
+    tgt = torch.cat([torch.full((3, 1), BOS), torch.randint(4, V, (3, 9))], 1)
+    sdpa = model.train()(src, tgt)  # dropout is 0: the training path, through SDPA
+    torch.testing.assert_close(model.eval()(src, tgt), sdpa, atol=1e-5, rtol=1e-5)
+    packed = for_cpu_inference(copy.deepcopy(model), None)
+    assert packed.decoder[0].self_attn.qkv is not None and packed.decoder[0].self_attn.q is None
+    memory, mask = packed.encode(src)
+    cross, cache = packed.cross_kv(memory), packed.new_cache()
+    steps = [packed.decode(tgt[:, t : t + 1], cross, mask, cache, start=t) for t in range(tgt.size(1))]
+    torch.testing.assert_close(torch.cat(steps, 1), sdpa, atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_keeps_the_rows_beam_search_picks():

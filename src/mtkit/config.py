@@ -165,11 +165,13 @@ class DecodeConfig:
     """alpha of Wu et al. (2016): scores are divided by ((5 + length) / 6) ** alpha."""
     max_len_offset: int = 50
     """Output length limit = source length + this (section 6.1)."""
-    max_tokens: int = 4000
-    """Token budget per translation batch (source tokens x beam)."""
+    max_tokens: int = 8000
+    """Token budget per translation batch (source tokens x beam); larger batches decode faster per
+    sentence on CPU and GPU at the cost of memory (see README, Translation)."""
     early_exit: bool = False
-    """Also end a sentence when a step's best candidate is EOS (OpenNMT, CTranslate2): faster; off
-    keeps searching until beam_size hypotheses have ended (fairseq)."""
+    """Also end a sentence when a step's best candidate is EOS (CTranslate2 does so only without a
+    length penalty): faster; off keeps searching until beam_size hypotheses have ended (fairseq,
+    and CTranslate2 with a length penalty)."""
 
 
 @dataclass

@@ -30,8 +30,8 @@ def _start(model: Transformer, src: torch.Tensor):
 
 
 def _drop_sentences(cross: list, mask: torch.Tensor, keep: torch.Tensor):
-    """The encoder keys/values and mask of the sentences still decoding."""
-    return [(k[keep], v[keep]) for k, v in cross], mask[keep]
+    """The encoder keys/values and mask of the sentences `keep` (indices) still decoding."""
+    return [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in cross], mask.index_select(0, keep)
 
 
 def _max_lengths(src: torch.Tensor, offset: int, limit: int) -> torch.Tensor:
@@ -68,29 +68,30 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
                 max_len_offset: int = 50, nbest: int = 1, early_exit: bool = False) -> list[list[Hypothesis]]:
     """Batched beam search; the beams of all sentences live in one (B * K) batch.
 
-    As in fairseq, a hypothesis ends when EOS is among the top K of the 2K candidates of a step,
-    and a sentence is done once K hypotheses have ended; finished sentences leave the batch.
-    With `early_exit` (as OpenNMT and CTranslate2) a sentence is also done, once it has `nbest`
-    hypotheses, when the best candidate of a step is EOS: no continuation can then beat it on
-    raw log-probability. With K = 1 this is greedy search.
+    As in fairseq (and CTranslate2 with a length penalty), a hypothesis ends when EOS is among the
+    top K of the 2K candidates of a step, and a sentence is done once K hypotheses have ended;
+    finished sentences leave the batch. With `early_exit` (CTranslate2's rule without length
+    penalty) a sentence is also done, once it has `nbest` hypotheses, when the best candidate of a
+    step is EOS: no continuation can then beat it on raw log-probability. K = 1 is greedy search.
     """
     B, K, device = src.size(0), beam_size, src.device
-    max_len = _max_lengths(src, max_len_offset, model.cfg.max_positions)  # (B,)
+    limits = _max_lengths(src, max_len_offset, model.cfg.max_positions).tolist()  # per sentence
     cross, mask, cache = _start(model, src)
-    alive = torch.arange(B, device=device)  # original sentence index of each row group
+    alive = list(range(B))  # the sentence of each row group; bookkeeping in Python, not per-step ops
     # All beams of a sentence start identical, so the first step runs one row per sentence and
     # its best K continuations become the K beams.
     tokens = torch.full((B, 1), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(B, 1, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    for step in range(int(max_len.max())):
+    for step in range(max(limits)):
         logp = model.decode(tokens[:, -1:], cross, mask, cache, start=step)[:, -1].float().log_softmax(-1)
         (n, width), V = scores.shape, logp.size(-1)  # width: 1 at the first step, then K
         logp[:, PAD] = float("-inf")
-        at_limit = (step + 1 >= max_len[alive]).repeat_interleave(width)
-        if bool(at_limit.any()):
+        ended = {r for r, s in enumerate(alive) if step + 1 >= limits[s]}  # all a sentence can end
+        if ended:
             # At the limit only EOS may follow, finite even where the model rules it out, so every
             # sentence ends with hypotheses (a model that never emits EOS still gets its line).
+            at_limit = torch.tensor([r in ended for r in range(n)], device=device).repeat_interleave(width)
             logp[at_limit] = torch.where(torch.arange(V, device=device) == EOS,
                                          logp[at_limit].clamp(min=-1e4), float("-inf"))
         cand = logp.add_(scores.view(-1, 1)).view(n, width * V)
@@ -100,28 +101,31 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
         eos_top = is_eos[:, :K]
         if bool(eos_top.any()):
             lp = length_penalty(step + 1, alpha)
-            for r, c in eos_top.nonzero().tolist():
-                sent = int(alive[r])
-                if len(finished[sent]) < K:
-                    row = tokens[r * width + int(beam_idx[r, c]), 1:].tolist()
-                    finished[sent].append(Hypothesis(row, float(top_scores[r, c]) / lp))
+            hits = eos_top.nonzero().tolist()
+            beams, ends = beam_idx[:, :K].tolist(), top_scores[:, :K].tolist()  # to Python once per step
+            rows = torch.tensor([r * width + beams[r][c] for r, c in hits], device=device)
+            for (r, c), row in zip(hits, tokens[:, 1:].index_select(0, rows).tolist()):
+                hyps = finished[alive[r]]
+                if len(hyps) < K:
+                    hyps.append(Hypothesis(row, ends[r][c] / lp))
+                # Done with K hypotheses; with early_exit also when the step's best candidate
+                # ended and nbest hypotheses are in.
+                if len(hyps) >= K or (early_exit and c == 0 and len(hyps) >= nbest):
+                    ended.add(r)
         # Continue with the best K candidates that did not end.
         cont_scores = top_scores.masked_fill(is_eos, float("-inf"))
-        cont_scores, pick = cont_scores.topk(K, dim=1)  # (n, K)
+        scores, pick = cont_scores.topk(K, dim=1)  # (n, K)
         src_rows = (beam_idx.gather(1, pick) + torch.arange(n, device=device)[:, None] * width).view(-1)
         tokens = torch.cat([tokens.index_select(0, src_rows), tok_idx.gather(1, pick).view(-1, 1)], 1)
-        need = torch.tensor([K - len(finished[int(s)]) for s in alive.tolist()], device=device)
-        keep = need > 0
-        if early_exit:  # the step's best candidate ended: done once nbest hypotheses are in
-            keep &= ~(is_eos[:, 0] & (need <= K - nbest))
-        keep &= step + 1 < max_len[alive]  # a sentence at its length limit has ended all it can
-        if not bool(keep.any()):
-            break
-        rows = (keep.nonzero().view(-1, 1) * K + torch.arange(K, device=device)).view(-1)
-        full = src_rows.index_select(0, rows)  # cache rows each surviving hypothesis came from
-        for layer in cache:
-            layer.reorder(full)
-        if not bool(keep.all()):
-            cross, mask = _drop_sentences(cross, mask, keep)
-        tokens, scores, alive = tokens.index_select(0, rows), cont_scores[keep], alive[keep]
+        if ended:  # finished sentences leave the batch
+            keep = [r for r in range(n) if r not in ended]
+            if not keep:
+                break
+            kept = torch.tensor(keep, device=device)
+            rows = (kept[:, None] * K + torch.arange(K, device=device)).view(-1)
+            src_rows, tokens, scores = src_rows.index_select(0, rows), tokens.index_select(0, rows), scores[kept]
+            cross, mask = _drop_sentences(cross, mask, kept)
+            alive = [alive[r] for r in keep]
+        for layer in cache:  # each surviving hypothesis takes the cache rows it came from
+            layer.reorder(src_rows)
     return [sorted(h, key=lambda x: -x.score)[:nbest] for h in finished]
