@@ -130,6 +130,21 @@ def test_beam_search_finds_at_least_the_greedy_score():
         assert [h.score for h in beams[i]] == sorted((h.score for h in beams[i]), reverse=True)
 
 
+def test_early_exit_keeps_the_best_hypothesis_without_length_penalty():
+    """Once a step's best candidate is EOS, no continuation can beat it on raw log-probability."""
+    torch.manual_seed(0)
+    model = tiny(n_layers=2)
+    with torch.no_grad():  # a less eager EOS: outputs of 0 to 18 subwords rather than all empty
+        model.tgt_embed.tokens.weight[EOS] *= 0.6
+    src = torch.cat([random_src(3, 7), torch.cat([random_src(3, 4), torch.full((3, 3), PAD)], 1)])
+    full = beam_search(model, src, beam_size=4, alpha=0.0, max_len_offset=12, nbest=2)
+    assert len({len(h[0].tokens) for h in full}) > 1
+    early = beam_search(model, src, beam_size=4, alpha=0.0, max_len_offset=12, nbest=2, early_exit=True)
+    for a, b in zip(full, early):
+        assert b[0].tokens == a[0].tokens and b[0].score == pytest.approx(a[0].score, abs=1e-5)
+        assert 1 <= len(b) <= 2 and b[0].score >= b[-1].score
+
+
 def test_output_length_is_limited_by_source_plus_offset():
     model = tiny()
     src = random_src(2, 5)

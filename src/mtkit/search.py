@@ -105,12 +105,14 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
             beams, ends = beam_idx[:, :K].tolist(), top_scores[:, :K].tolist()  # to Python once per step
             rows = torch.tensor([r * width + beams[r][c] for r, c in hits], device=device)
             for (r, c), row in zip(hits, tokens[:, 1:].index_select(0, rows).tolist()):
-                hyps = finished[alive[r]]
-                if len(hyps) < K:
-                    hyps.append(Hypothesis(row, ends[r][c] / lp))
-                # Done with K hypotheses; with early_exit also when the step's best candidate
-                # ended and nbest hypotheses are in.
-                if len(hyps) >= K or (early_exit and c == 0 and len(hyps) >= nbest):
+                if len(finished[alive[r]]) < K:
+                    finished[alive[r]].append(Hypothesis(row, ends[r][c] / lp))
+            # Done with K hypotheses; with early_exit also when the step's best candidate ended
+            # and nbest hypotheses are in.
+            best_ended = {r for r, c in hits if c == 0}
+            for r in {r for r, _ in hits}:
+                done = len(finished[alive[r]])
+                if done >= K or (early_exit and r in best_ended and done >= nbest):
                     ended.add(r)
         # Continue with the best K candidates that did not end.
         cont_scores = top_scores.masked_fill(is_eos, float("-inf"))
