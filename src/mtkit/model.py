@@ -107,8 +107,9 @@ class MultiHeadAttention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention's queries, keys and values of x: one matmul where inference fused them."""
-        if self.qkv is None:
-            return self.split(self.q(x)), *self.project_kv(x)
+        if self.qkv is None:  # keys and values first, as before: autograd sums x's gradient in that order
+            k, v = self.project_kv(x)
+            return self.split(self.q(x)), k, v
         q, k, v = self.qkv(x).chunk(3, -1)
         return self.split(q), self.split(k), self.split(v)
 
