@@ -247,8 +247,11 @@ class Transformer(nn.Module):
 
     def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Encoder keys/values for every decoder layer, projected once per source."""
+        kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
+        if self.training:  # SDPA rounds differently on contiguous copies: training keeps the views
+            return kv
         # Contiguous once here, so the (B * H) batched matmuls of each step read them without a copy.
-        return [tuple(t.contiguous() for t in layer.cross_attn.project_kv(memory)) for layer in self.decoder]
+        return [(k.contiguous(), v.contiguous()) for k, v in kv]
 
     def new_cache(self) -> list[KVCache]:
         """Empty self-attention caches, one per decoder layer, for incremental decoding."""
