@@ -170,11 +170,11 @@ class Residual(nn.Module):
         self.pre = cfg.norm == "pre"
 
     def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
-        if self.pre:  # departure from the paper, on request: x + Dropout(Sublayer(LayerNorm(x)))
-            y = sublayer(self.norm(x))
-            return x + (self.dropout(y) if self.training else y)  # decoding skips the no-op call
-        y = sublayer(x)
-        return self.norm(x + (self.dropout(y) if self.training else y))
+        # Pre-norm, a departure from the paper on request: x + Dropout(Sublayer(LayerNorm(x))).
+        y = sublayer(self.norm(x) if self.pre else x)
+        if self.training:  # decoding skips the no-op call
+            y = self.dropout(y)
+        return x + y if self.pre else self.norm(x + y)
 
 
 class EncoderLayer(nn.Module):
@@ -247,11 +247,7 @@ class Transformer(nn.Module):
 
     def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Encoder keys/values for every decoder layer, projected once per source."""
-        kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
-        if self.training:  # SDPA rounds differently on contiguous copies: training keeps the views
-            return kv
-        # Contiguous once here, so the (B * H) batched matmuls of each step read them without a copy.
-        return [(k.contiguous(), v.contiguous()) for k, v in kv]
+        return [layer.cross_attn.project_kv(memory) for layer in self.decoder]
 
     def new_cache(self) -> list[KVCache]:
         """Empty self-attention caches, one per decoder layer, for incremental decoding."""

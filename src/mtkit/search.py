@@ -24,9 +24,10 @@ def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | f
 
 def _start(model: Transformer, src: torch.Tensor):
     """Encode once and project the encoder keys/values once per sentence (not per hypothesis:
-    the model's cross-attention lets a sentence's hypotheses share them); empty decoder caches."""
+    the model's cross-attention lets a sentence's hypotheses share them), made contiguous once so
+    every step's batched matmuls read them without a copy; empty decoder caches."""
     memory, mask = model.encode(src)
-    return model.cross_kv(memory), mask, model.new_cache()
+    return [(k.contiguous(), v.contiguous()) for k, v in model.cross_kv(memory)], mask, model.new_cache()
 
 
 def _drop_sentences(cross: list, mask: torch.Tensor, keep: torch.Tensor):
@@ -125,7 +126,8 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
                 break
             kept = torch.tensor(keep, device=device)
             rows = (kept[:, None] * K + torch.arange(K, device=device)).view(-1)
-            src_rows, tokens, scores = src_rows.index_select(0, rows), tokens.index_select(0, rows), scores[kept]
+            src_rows, tokens = src_rows.index_select(0, rows), tokens.index_select(0, rows)
+            scores = scores.index_select(0, kept)
             cross, mask = _drop_sentences(cross, mask, kept)
             alive = [alive[r] for r in keep]
         for layer in cache:  # each surviving hypothesis takes the cache rows it came from
