@@ -101,8 +101,7 @@ def _flat(ids: list[list[int]], dtype: str) -> np.ndarray:
 def encode_chunk(chunk: Chunk, f: Filters, vocab: Vocab, threads: int | None = None) -> Encoded:
     """Decode, clean, encode and filter one chunk; errors name the file and line."""
     src, tgt, empty = clean_pairs(*decode_chunk(chunk))
-    src_ids = vocab.src.encode(src, num_threads=threads)
-    tgt_ids = vocab.tgt.encode(tgt, num_threads=threads)
+    src_ids, tgt_ids = vocab.encode_src(src, threads), vocab.encode_tgt(tgt, threads)
     s = np.fromiter(map(len, src_ids), dtype=np.int32, count=len(src_ids))
     t = np.fromiter(map(len, tgt_ids), dtype=np.int32, count=len(tgt_ids))
     dropped = {"empty": empty}

@@ -77,6 +77,15 @@ def decode_lines(data: bytes, name: str, errors: Literal["strict", "replace"] = 
     return list(iter_lines(io.BytesIO(data), name, errors))
 
 
+def utf8_line(raw: bytes, name: str, number: int) -> str:
+    """One line's bytes as text, its line end ('\n', '\r\n') dropped; invalid UTF-8 is an error
+    naming the file and line."""
+    try:
+        return raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{name}: line {number}: invalid UTF-8 ({exc.reason})") from None
+
+
 def iter_lines(stream: BinaryIO, name: str, errors: Literal["strict", "replace"] = "strict") -> Iterator[str]:
     """Lines of a binary stream, split on '\\n' alone (a CR before it is dropped), decoded lazily.
 
@@ -86,14 +95,14 @@ def iter_lines(stream: BinaryIO, name: str, errors: Literal["strict", "replace"]
     replaced = []
     try:
         for number, raw in enumerate(stream, 1):  # binary iteration splits on b"\n" only
-            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
             try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
+                text = utf8_line(raw, name, number)
+            except UserError:
                 if errors == "strict":
-                    raise UserError(f"{name}: line {number}: invalid UTF-8 ({exc.reason})") from None
+                    raise
                 replaced.append(number)
-                yield raw.decode("utf-8", errors="replace")
+                text = raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", errors="replace")
+            yield text
     finally:
         if replaced:
             log.warning("%s: invalid UTF-8 replaced by U+FFFD in %d line(s), first line %d",
@@ -147,10 +156,7 @@ class Chunk:
 
 
 def _decode(raw: bytes, chunk: Chunk, side: int, i: int) -> str:
-    try:
-        return raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{chunk.names[side]}: line {chunk.number(i)}: invalid UTF-8 ({exc.reason})") from None
+    return utf8_line(raw, chunk.names[side], chunk.number(i))
 
 
 def decode_chunk(chunk: Chunk) -> tuple[list[str], list[str]]:

@@ -97,11 +97,11 @@ class Vocab:
     def tgt_size(self) -> int:
         return self.tgt.get_piece_size()
 
-    def encode_src(self, lines: list[str]) -> list[list[int]]:
-        return self.src.encode(lines)
+    def encode_src(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
+        return self.src.encode(lines, num_threads=num_threads)
 
-    def encode_tgt(self, lines: list[str]) -> list[list[int]]:
-        return self.tgt.encode(lines)
+    def encode_tgt(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
+        return self.tgt.encode(lines, num_threads=num_threads)
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
         return self.tgt.decode(ids)
