@@ -14,7 +14,6 @@ CTranslate2 sentences/s, both in float32 (above 1 = mtkit faster), with the BLEU
 from __future__ import annotations
 
 import argparse
-import gzip
 import logging
 import multiprocessing
 import os
@@ -36,6 +35,7 @@ from hf_peer import INSTALL as HF_INSTALL
 
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import config_from_dict
+from mtkit.data.corpus import read_lines
 from mtkit.data.vocab import Vocab
 from mtkit.errors import UserError
 from mtkit.evaluate import score
@@ -103,17 +103,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
-
-
-def read_lines(path: Path, limit: int | None) -> list[str]:
-    """Lines of a plain or gzipped UTF-8 file, without newlines; the first `limit` if given."""
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
-    return lines[:limit]
 
 
 def transformers_version() -> str | None:
@@ -255,7 +244,7 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
     decode = config_from_dict(state["config"], str(path)).decode
     decode = {"length_penalty": decode.length_penalty if args.length_penalty is None else args.length_penalty,
               "max_tokens": args.max_tokens or decode.max_tokens, "max_len_offset": decode.max_len_offset}
-    src, refs = read_lines(args.src, args.lines), read_lines(args.ref, args.lines)
+    src, refs = read_lines(args.src)[: args.lines], read_lines(args.ref)[: args.lines]
     if len(src) != len(refs):
         raise UserError(f"{args.src} has {len(src)} lines but {args.ref} has {len(refs)}")
     export_ctranslate2(path, ct2_dir, force=True)

@@ -122,10 +122,12 @@ def _set_m2m100_positions(hf: Any, cfg: ModelConfig) -> None:
 
 
 @torch.no_grad()
-def convert(weights: dict, cfg: ModelConfig, src_vocab: int, tgt_vocab: int,
-            decode: DecodeConfig | None = None) -> Any:
-    """mtkit Transformer weights -> an equivalent transformers model (eval mode, float32, CPU),
-    its generation config set from `decode` (default: DecodeConfig's defaults)."""
+def convert(weights: dict, cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> Any:
+    """mtkit Transformer weights -> an equivalent transformers model (eval mode, float32, CPU).
+
+    Its own generation config is greedy with transformers' defaults: `generate_ids` passes the
+    settings of each call, and transformers 4.50-4.57 fill a call's default-valued fields from
+    the model's config, so a beam config here would turn greedy calls into beam search."""
     import transformers
 
     config = _hf_config(cfg, src_vocab, tgt_vocab)
@@ -143,7 +145,7 @@ def convert(weights: dict, cfg: ModelConfig, src_vocab: int, tgt_vocab: int,
             raise ValueError(f"conversion: {name} does not hold its weights (tied to a different matrix?)")
     if cfg.norm == "pre":
         _set_m2m100_positions(hf, cfg)
-    hf.generation_config = generation_config(decode or DecodeConfig(), cfg.max_positions - 1)
+    hf.generation_config = generation_config(DecodeConfig(beam_size=1), cfg.max_positions - 1)
     return hf
 
 
@@ -153,7 +155,7 @@ def to_transformers(checkpoint: str | Path, device: str = "cpu") -> HFModel:
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"], str(path))
     vocab = Vocab.from_state(state["vocab"])
-    hf = convert(state["model"], cfg.model, vocab.src_size, vocab.tgt_size, cfg.decode)
+    hf = convert(state["model"], cfg.model, vocab.src_size, vocab.tgt_size)
     return HFModel(hf.to(device), vocab, cfg.model.max_positions, cfg.decode)
 
 
