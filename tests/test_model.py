@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from conftest import tiny_model_config
 from mtkit.config import ModelConfig
-from mtkit.model import BOS, EOS, PAD, KVCache, MultiHeadAttention, Transformer, count_parameters, sinusoids
-from mtkit.search import beam_search, greedy_search
+from mtkit.model import BOS, EOS, PAD, KVCache, MultiHeadAttention, Transformer, count_parameters, sinusoids, softmax_
+from mtkit import model as model_module
+from mtkit.search import _start as search_start
+from mtkit.search import beam_search, best_candidates, greedy_search
 from mtkit.translate import for_cpu_inference
 
 V = 32
@@ -155,9 +157,15 @@ def test_output_length_is_limited_by_source_plus_offset():
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
-def test_cpu_decoding_path_gives_the_training_path_logits(norm):
-    """Inference on CPU attends with two matmuls instead of SDPA, and `for_cpu_inference` fuses
-    q/k/v into one layer and packs every linear layer (ReLU folded in): same logits as training's path."""
+@pytest.mark.parametrize("small_kernels", [True, False])
+def test_cpu_decoding_path_gives_the_training_path_logits(norm, small_kernels, monkeypatch):
+    """Inference on CPU attends with two matmuls instead of SDPA (elementwise where bmm's and
+    softmax's small-size kernels are slow: always at this size, or never), search lays out the
+    encoder keys transposed, and `for_cpu_inference` fuses q/k/v into one layer and packs every
+    linear layer (ReLU folded in): same logits as training's path."""
+    if not small_kernels:
+        monkeypatch.setattr(model_module, "SMALL_BMM", 0)
+        monkeypatch.setattr(model_module, "SMALL_SOFTMAX", 0)
     model = tiny(norm=norm, n_layers=2)
     src = torch.cat([random_src(1, 7), torch.cat([random_src(2, 4), torch.full((2, 3), PAD)], 1)])
     tgt = torch.cat([torch.full((3, 1), BOS), torch.randint(4, V, (3, 9))], 1)
@@ -165,10 +173,37 @@ def test_cpu_decoding_path_gives_the_training_path_logits(norm):
     torch.testing.assert_close(model.eval()(src, tgt), sdpa, atol=1e-5, rtol=1e-5)
     packed = for_cpu_inference(copy.deepcopy(model), None)
     assert packed.decoder[0].self_attn.qkv is not None and packed.decoder[0].self_attn.q is None
-    memory, mask = packed.encode(src)
-    cross, cache = packed.cross_kv(memory), packed.new_cache()
+    cross, mask, cache = search_start(packed, src)
     steps = [packed.decode(tgt[:, t : t + 1], cross, mask, cache, start=t) for t in range(tgt.size(1))]
     torch.testing.assert_close(torch.cat(steps, 1), sdpa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 15, 16, 17, 40])
+def test_softmax_equals_torch_softmax_at_every_length(length):
+    scores = torch.randn(6, 3, 2, length) * 50  # exp overflows float32 without the max subtracted
+    scores[0, 0, 0, 1:] = float("-inf")  # masked keys
+    torch.testing.assert_close(softmax_(scores.clone()), scores.softmax(-1))
+
+
+@pytest.mark.parametrize("vocab, width", [(640, 1), (640, 4), (37, 4)])
+def test_best_candidates_equal_topk_of_the_sum(vocab, width):
+    """Beam search's block search (640: 20 blocks of 32 tokens; 37 has no split: plain topk) finds
+    the same values at the same indices as topk of log-probabilities + hypothesis scores."""
+    torch.manual_seed(0)
+    n, k = 5, 2 * width + 2
+    logp = torch.randn(n * width, vocab).log_softmax(-1)
+    scores = -torch.rand(n, width) * 3
+    if vocab == 640:  # sentence 0's best candidates crowd one block (tokens 5, 25, 45, ...) of one hypothesis
+        logp[width - 1, 5 + torch.arange(k) * 20] = torch.linspace(3.0, 2.0, k)
+    logp[width : 2 * width, :] = float("-inf")  # sentence 1: only EOS left (at the length limit)
+    logp[width : 2 * width, EOS] = -2.0
+    values, index = best_candidates(logp.clone(), scores, k)
+    expected = (logp + scores.view(-1, 1)).view(n, width * vocab).topk(k, dim=1)
+    torch.testing.assert_close(values, expected.values)
+    finite = expected.values.isfinite()  # among -inf candidates any index is right
+    assert torch.equal(index[finite], expected.indices[finite])
+    if vocab == 640:  # sentence 0's best k are the crowded block's
+        assert set(index[0].tolist()) == {(width - 1) * vocab + 5 + 20 * i for i in range(k)}
 
 
 def test_kv_cache_keeps_the_rows_beam_search_picks():

@@ -49,6 +49,40 @@ MATH_ATTENTION_MAX = 2560
 2-6x faster than SDPA's CPU kernel on decoding steps and short sentences; SDPA's blocked kernel
 wins on long ones (2.6x at 256 x 256, 2 cores)."""
 
+SMALL_BMM = 400
+"""torch's CPU bmm multiplies matrices of fewer multiply-adds than this (rows x columns x inner)
+with a plain loop, 2-5x slower than MKL's: the first 6 decoding steps' self-attention at d_k 64.
+Those multiply elementwise and sum instead (2.5-3.7x faster there, 2 cores)."""
+
+SMALL_SOFTMAX = 16
+"""torch's CPU softmax over a last dimension shorter than its 16-float vector is slow (4-7x
+slower at 8-15 keys than exp and sum, which it beats from 16 on)."""
+
+
+def softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place where that is faster (fewer than SMALL_SOFTMAX)."""
+    if scores.size(-1) >= SMALL_SOFTMAX:
+        return scores.softmax(-1)
+    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(-1, keepdim=True))
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, H, Lq, d_k) . k (B, H, Lk, d_k) -> (B, H, Lq, Lk): bmm over B x H (fewer dispatched
+    ops than 4-D matmul), or elementwise products summed where bmm would take its small loop."""
+    (B, H, Lq, d_k), Lk = q.shape, k.size(2)
+    if Lq * Lk * d_k < SMALL_BMM:
+        return (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1)
+    return torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)).view(B, H, Lq, Lk)
+
+
+def _mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention weights (B, H, Lq, Lk) times values (B, H, Lk, d_v) -> (B, H, Lq, d_v), as `_scores`."""
+    (B, H, Lq, Lk), d_v = p.shape, v.size(3)
+    if Lq * Lk * d_v < SMALL_BMM:
+        return (p.unsqueeze(4) * v.unsqueeze(2)).sum(3)
+    return torch.bmm(p.flatten(0, 1), v.flatten(0, 1)).view(B, H, Lq, d_v)
+
 
 class KVCache:
     """One decoder layer's self-attention keys/values while decoding step by step (B, H, t, d_k).
@@ -119,12 +153,10 @@ class MultiHeadAttention(nn.Module):
         return self._softmax(self.split(self.q(x)), kv[0], mask)
 
     def _softmax(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        B, H, Lq, d_k = q.shape  # bmm over (B * H): fewer dispatched ops per step than 4-D matmul
-        scores = torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)).view(B, H, Lq, -1)
-        scores.mul_(1.0 / math.sqrt(d_k))  # (B, H, Lq, Lk)
+        scores = _scores(q, k).mul_(1.0 / math.sqrt(q.size(3)))  # (B, H, Lq, Lk)
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
-        return scores.softmax(-1)
+        return softmax_(scores)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
@@ -141,7 +173,7 @@ class MultiHeadAttention(nn.Module):
             p = self.p_attn if self.training else 0.0
             y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p, is_causal=causal)
         else:  # CPU inference with few queries (decoding steps) or short keys: two batched matmuls
-            y = torch.bmm(self._softmax(q, kv[0], mask).flatten(0, 1), kv[1].flatten(0, 1)).view(q.shape)
+            y = _mix(self._softmax(q, kv[0], mask), kv[1])
         if group > 1:
             y = y.view(-1, H, group, Lq, d_k).transpose(1, 2).reshape(B, H, Lq, d_k)
         return self.out(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
