@@ -52,7 +52,8 @@ NOTES = [
     ("All systems get the same lines, beam size, length-penalty alpha, token budget per batch "
      "(mtkit: decode.max_tokens // beam padded source tokens; CTranslate2: batch_type tokens, "
      "max_batch_size = the same number; transformers: mtkit's length-sorted batches, padded) and threads "
-     "(torch threads = CTranslate2 intra_threads, inter_threads 1)."),
+     "(torch threads = CTranslate2 intra_threads, inter_threads 1; the 'inter' systems: mtkit workers = "
+     "CTranslate2 inter_threads = the threads, one thread each)."),
     ("Length penalty: mtkit divides by ((5 + length) / 6) ** alpha (Wu et al. 2016), CTranslate2 by "
      "length ** alpha; the same alpha is passed to both, so beam outputs may differ (greedy ones do not)."),
     ("Length limit: mtkit source + decode.max_len_offset per sentence; CTranslate2 one limit per call, "
@@ -66,7 +67,9 @@ NOTES = [
 ]
 
 
-SYSTEMS = ("mtkit fp32", "mtkit int8", "ct2 float32", "ct2 int8")
+SYSTEMS = ("mtkit fp32", "mtkit int8", "ct2 float32", "ct2 int8", "mtkit fp32 inter", "ct2 float32 inter")
+"""'inter': one batch per thread at once, one thread each (mtkit workers = CTranslate2 inter_threads
+= the thread count); the others: one batch at a time on all threads."""
 
 
 @dataclass
@@ -127,16 +130,19 @@ def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: 
                       max_tokens=settings["max_tokens"], max_len_offset=settings["max_len_offset"])
         return System(name, run, {**settings, "model_class": type(peer.model).__name__, "torch_threads": threads,
                                   "attn_implementation": peer.model.config._attn_implementation})
+    inter = threads if name.endswith(" inter") else 1
     if name.startswith("mtkit"):
-        quantize = "int8" if name.endswith("int8") else None
-        translator = Translator.load(model, device, quantize=quantize, beam_size=settings["beam_size"],
+        quantize = "int8" if "int8" in name else None
+        translator = Translator.load(model, device, quantize=quantize, workers=inter, beam_size=settings["beam_size"],
                                      length_penalty=settings["length_penalty"], max_tokens=settings["max_tokens"])
-        return System(name, translator.translate, {**settings, "quantize": quantize})
+        return System(name, translator.translate, {**settings, "quantize": quantize, "workers": inter,
+                                                   "threads_per_worker": threads // inter})
     compute_type = name.split()[1]
-    ct2 = load_ct2(ct2_dir, device, compute_type, threads=threads)
+    ct2 = load_ct2(ct2_dir, device, compute_type, threads=threads // inter, inter_threads=inter)
     run = partial(ct2_translate, ct2, beam_size=settings["beam_size"], length_penalty=settings["length_penalty"],
                   max_tokens=settings["max_tokens"], max_len_offset=settings["max_len_offset"])
-    return System(name, run, {**settings, "compute_type": compute_type, "intra_threads": threads, "inter_threads": 1})
+    return System(name, run, {**settings, "compute_type": compute_type, "intra_threads": threads // inter,
+                              "inter_threads": inter})
 
 
 def _worker(conn, name: str, lines: list[str], build: tuple) -> None:
@@ -156,10 +162,20 @@ def benchmark(build: tuple, lines: list[str], repeats: int, names: tuple[str, ..
     here: shared allocator and thread pools), timed alternately (A B C D A B C D ...)."""
     ctx = multiprocessing.get_context("spawn")
     workers = {}
+    try:
+        return _alternate(ctx, workers, build, lines, repeats, names)
+    finally:
+        for proc, _ in workers.values():  # not daemons (mtkit's 'inter' system forks workers of its own)
+            proc.terminate()
+
+
+def _alternate(ctx, workers: dict, build: tuple, lines: list[str], repeats: int,
+               names: tuple[str, ...]) -> tuple[dict, dict, dict]:
     for name in names:
         ours, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(theirs, name, lines, build), daemon=True)
+        proc = ctx.Process(target=_worker, args=(theirs, name, lines, build))
         proc.start()
+        theirs.close()  # a worker that dies is then an EOFError here, not a hang
         workers[name] = (proc, ours)
     for name, (_, conn) in workers.items():
         assert conn.recv() == "ready", name
@@ -210,11 +226,11 @@ def report(result: dict) -> str:
               f"{result['peer']['version']}" + "".join(f" | also: {p['name']} {p['version']} {p['model']}"
                                                       for p in result["other_peers"])),
              "",
-             (f"{'system':<11} {'sent/s  med [min, max]':>26} {'tgt tok/s  med [min, max]':>29} "
+             (f"{'system':<17} {'sent/s  med [min, max]':>26} {'tgt tok/s  med [min, max]':>29} "
               f"{'BLEU':>6} {'= mtkit':>8}")]
     for name, r in result["systems"].items():
         sent, tok = r["sentences_per_s"], r["tgt_tokens_per_s"]
-        lines.append(f"{name:<11} {sent['median']:>8.1f} [{sent['min']:>6.1f}, {sent['max']:>6.1f}] "
+        lines.append(f"{name:<17} {sent['median']:>8.1f} [{sent['min']:>6.1f}, {sent['max']:>6.1f}] "
                      f"{tok['median']:>10.0f} [{tok['min']:>7.0f}, {tok['max']:>7.0f}] {r['bleu']:>6.2f} "
                      f"{r['identical_to_mtkit_fp32']:>8.1%}")
     if result["ratio"] is not None:
@@ -223,6 +239,8 @@ def report(result: dict) -> str:
                      "above 1 = mtkit faster)")
     if result["ratio_int8"] is not None:
         lines.append(f"ratio mtkit/ct2 sentences/s, int8: {result['ratio_int8']:.3f}")
+    if result["ratio_inter"] is not None:
+        lines.append(f"ratio mtkit/ct2 sentences/s, fp32, one batch per thread ('inter'): {result['ratio_inter']:.3f}")
     if result["ratio_transformers"] is not None:
         lines.append(f"ratio mtkit/transformers sentences/s, fp32: {result['ratio_transformers']:.3f}")
     lines += [f"skipped: {x}" for x in result["skipped"]]
@@ -274,6 +292,7 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
     return {"benchmark": "translate", "ratio": ratio(summaries, "mtkit fp32", "ct2 float32"),
             "ratio_metric": "sentences/s, mtkit fp32 / ctranslate2 float32 (medians)",
             "ratio_per_repeat": per_repeat, "ratio_int8": ratio(summaries, "mtkit int8", "ct2 int8"),
+            "ratio_inter": ratio(summaries, "mtkit fp32 inter", "ct2 float32 inter"),
             "ratio_transformers": ratio(summaries, "mtkit fp32", HF),
             "peer": {"name": "ctranslate2", "version": ctranslate2.__version__}, "other_peers": other_peers,
             "machine": machine(args.device), "setup": setup, "systems": summaries, "skipped": skipped,

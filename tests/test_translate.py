@@ -64,6 +64,26 @@ def test_a_batch_translates_as_its_lines_one_by_one(checkpoint, beam):
     assert translator.translate(lines) == [translator.translate([line])[0] for line in lines]
 
 
+def test_worker_processes_translate_as_one_process(checkpoint):
+    """--workers 2: batches decode in forked processes; the same n-best lists, in input order, and
+    the CLI exits cleanly (no pool noise on stderr)."""
+    lines = random_lines(40, seed=7)
+    one = Translator.load(checkpoint, "cpu", max_tokens=60)
+    two = Translator.load(checkpoint, "cpu", workers=2, max_tokens=60)
+    try:
+        got, expected = two.translate_nbest(lines, 2), one.translate_nbest(lines, 2)
+        assert two._pool is not None  # the batches did go to the worker processes
+    finally:
+        two.close()
+    assert [[t for t, _ in n] for n in got] == [[t for t, _ in n] for n in expected]
+    assert [[s for _, s in n] for n in got] == [[pytest.approx(s, rel=1e-5) for _, s in n] for n in expected]
+    proc = subprocess.run([sys.executable, "-m", "mtkit", "-q", "translate", "-m", str(checkpoint), "--workers", "2",
+                           "--max-tokens", "60"], input="".join(f"{line}\n" for line in lines).encode(),
+                          capture_output=True, env=ENV, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().split("\n")[:-1] == [n[0][0] for n in expected]
+
+
 def test_a_long_line_is_cut_at_punctuation_before_the_limit(checkpoint, caplog):
     translator = Translator.load(checkpoint, "cpu")
     sentence = "the small dog runs in the red house on the street"

@@ -213,15 +213,16 @@ class CT2Model:
 
 
 def load_ct2(model_dir: str | Path, device: str = "cpu", compute_type: str = "default",
-             threads: int = 0) -> CT2Model:
-    """Load an export; `threads` is CTranslate2's intra_threads (0: its default), one translation at a time."""
+             threads: int = 0, inter_threads: int = 1) -> CT2Model:
+    """Load an export; `threads` is CTranslate2's intra_threads (0: its default) per batch, and
+    `inter_threads` batches are translated at once (default one at a time)."""
     ct2, model_dir = _ctranslate2(), Path(model_dir)
     if not (model_dir / INFO).is_file():
         raise UserError(f"{model_dir}: not an mtkit CTranslate2 export (no {INFO})")
     info = json.loads((model_dir / INFO).read_text(encoding="utf-8"))
     cfg = config_from_dict(info["config"], str(model_dir / INFO))
     translator = ct2.Translator(str(model_dir), device=device, compute_type=compute_type,
-                                intra_threads=threads, inter_threads=1)
+                                intra_threads=threads, inter_threads=inter_threads)
     src = load_processor((model_dir / SOURCE_SPM).read_bytes())
     tgt = load_processor((model_dir / TARGET_SPM).read_bytes())
     return CT2Model(translator, src, tgt, cfg.model.max_positions, cfg.decode)

@@ -6,14 +6,17 @@ endless iterable of lines through a bounded window.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
+import multiprocessing
 import os
 import re
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -121,6 +124,16 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_top_pad, 64 << 20)
 
 
+_FORKED: Translator | None = None
+"""The translator whose batches worker processes decode: they inherit it when forked."""
+
+
+def _search_forked(job: tuple[list[list[int]], int]) -> list[list[Hypothesis]]:
+    """A worker process's task: one batch of sources, its n-best lists."""
+    sources, nbest = job
+    return _FORKED._search_batch(sources, nbest)
+
+
 @dataclass
 class Translation:
     """One input line's result: n-best (text, score) pairs, and its subwords for attention output."""
@@ -133,13 +146,25 @@ class Translation:
 class Translator:
     """A loaded model with its vocabulary and decoding settings."""
 
-    def __init__(self, model: Transformer, vocab: Vocab, decode: DecodeConfig, device: torch.device):
+    def __init__(self, model: Transformer, vocab: Vocab, decode: DecodeConfig, device: torch.device,
+                 workers: int = 1):
         self.model, self.vocab, self.decode, self.device = model.eval(), vocab, decode, device
+        self.workers, self._pool = workers, None
+        if workers > 1 and device.type != "cpu":
+            raise UserError(f"workers {workers}: worker processes are for CPU decoding")
+        if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
+            raise UserError(f"workers {workers}: worker processes need fork(), which this platform lacks")
+        if workers > 1 and multiprocessing.current_process().daemon:
+            raise UserError(f"workers {workers}: a daemonic process cannot start worker processes")
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", quantize: Literal["int8"] | None = None,
-             **overrides) -> "Translator":
-        """From a checkpoint file or run directory; `overrides` replace DecodeConfig fields."""
+             workers: int = 1, **overrides) -> "Translator":
+        """From a checkpoint file or run directory; `overrides` replace DecodeConfig fields.
+
+        `workers` > 1 (CPU): that many batches decode at once, each in a process of its own with
+        torch's threads shared out among them (CTranslate2's inter_threads); output unchanged.
+        """
         ckpt = resolve_model(path)
         state = load_checkpoint(ckpt)
         cfg = config_from_dict(state["config"], str(ckpt))
@@ -154,7 +179,7 @@ class Translator:
             keep_freed_memory()
         decode = replace(cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
         log.info("loaded %s (step %s) on %s%s", ckpt, state.get("step"), dev, ", int8" if quantize else "")
-        return cls(model.to(dev), vocab, decode, dev)
+        return cls(model.to(dev), vocab, decode, dev, workers)
 
     @property
     def source_limit(self) -> int:
@@ -183,6 +208,28 @@ class Translator:
             return beam_search(self.model, src, d.beam_size, d.length_penalty, d.max_len_offset, nbest,
                                d.early_exit)
 
+    def _search_batch(self, sources: list[list[int]], nbest: int) -> list[list[Hypothesis]]:
+        return self._search(pad(sources, suffix=EOS).to(self.device), nbest)
+
+    def _search_all(self, batches: list[list[list[int]]], nbest: int) -> Iterator[list[list[Hypothesis]]]:
+        """Each batch's n-best lists, in order: here, or spread over the worker processes."""
+        if self.workers == 1 or len(batches) == 1:
+            return (self._search_batch(sources, nbest) for sources in batches)
+        if self._pool is None:  # forked on first use: the workers inherit the loaded model
+            global _FORKED
+            _FORKED = self
+            threads = max(1, torch.get_num_threads() // self.workers)
+            self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
+                                             initializer=torch.set_num_threads, initargs=(threads,))
+            atexit.register(self.close)  # before interpreter teardown, which the pool's threads outlive
+        return self._pool.map(_search_forked, [(sources, nbest) for sources in batches])
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
     def run(self, lines: list[str], nbest: int = 1) -> list[Translation]:
         """Translate a list of lines (sorted by length into token-budget batches), in input order."""
         if nbest > self.decode.beam_size:
@@ -201,9 +248,12 @@ class Translator:
         found: list[list[Hypothesis]] = [[] for _ in sources]
         lengths = [len(s) for s in sources]
         budget = max(1, self.decode.max_tokens // self.decode.beam_size)
-        for batch in token_batches(lengths, lengths, budget):
-            src = pad([sources[j] for j in batch], suffix=EOS).to(self.device)
-            for j, hyps in zip(batch, self._search(src, nbest)):
+        batches = token_batches(lengths, lengths, budget)
+        if self.workers > 1 and len(batches) % self.workers:  # a multiple of the workers: none idles at the end
+            rounds = -(-len(batches) // self.workers)
+            batches = token_batches(lengths, lengths, max(1, budget * len(batches) // (rounds * self.workers)))
+        for batch, results in zip(batches, self._search_all([[sources[j] for j in b] for b in batches], nbest)):
+            for j, hyps in zip(batch, results):
                 found[j] = hyps
         return self._join(len(lines), sources, owner, found)
 
