@@ -51,11 +51,11 @@ wins on long ones (2.6x at 256 x 256, 2 cores)."""
 
 SMALL_BMM = 400
 """torch's CPU bmm multiplies matrices of fewer multiply-adds than this (rows x columns x inner)
-with a plain loop, 2-5x slower than MKL's: the first 6 decoding steps' self-attention at d_k 64.
-Those multiply elementwise and sum instead (2.5-3.7x faster there, 2 cores)."""
+with a plain loop, 2-6x slower than MKL's: the first 6 decoding steps' self-attention at d_k 64.
+Those multiply elementwise and sum instead (2.5-3.6x faster there, 1 thread)."""
 
 SMALL_SOFTMAX = 16
-"""torch's CPU softmax over a last dimension shorter than its 16-float vector is slow (4-7x
+"""torch's CPU softmax over a last dimension shorter than its 16-float vector is slow (3.5-5x
 slower at 8-15 keys than exp and sum, which it beats from 16 on)."""
 
 
