@@ -13,6 +13,7 @@ from conftest import tiny_model_config
 from mtkit.config import ModelConfig
 from mtkit.model import BOS, EOS, PAD, KVCache, MultiHeadAttention, Transformer, count_parameters, sinusoids, softmax_
 from mtkit import model as model_module
+from mtkit import search as search_module
 from mtkit.search import _start as search_start
 from mtkit.search import beam_search, best_candidates, greedy_search
 from mtkit.translate import for_cpu_inference
@@ -204,6 +205,16 @@ def test_best_candidates_equal_topk_of_the_sum(vocab, width):
     assert torch.equal(index[finite], expected.indices[finite])
     if vocab == 640:  # sentence 0's best k are the crowded block's
         assert set(index[0].tolist()) == {(width - 1) * vocab + 5 + 20 * i for i in range(k)}
+
+
+def test_beam_search_finds_the_same_with_and_without_the_block_search(monkeypatch):
+    model = Transformer(tiny_model_config(n_layers=2), 640, 640).eval()
+    src = torch.cat([random_src(2, 6), torch.cat([random_src(3, 4), torch.full((3, 2), PAD)], 1)])
+    blocked = beam_search(model, src, beam_size=4, nbest=4)
+    monkeypatch.setattr(search_module, "_blocks", lambda vocab: None)  # plain topk
+    plain = beam_search(model, src, beam_size=4, nbest=4)
+    assert [[h.tokens for h in hyps] for hyps in blocked] == [[h.tokens for h in hyps] for hyps in plain]
+    assert [[h.score for h in hyps] for hyps in blocked] == [[h.score for h in hyps] for hyps in plain]
 
 
 def test_kv_cache_keeps_the_rows_beam_search_picks():

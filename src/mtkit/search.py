@@ -54,7 +54,8 @@ def _blocks(vocab: int) -> tuple[int, int] | None:
 
 def best_candidates(logp: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of logp (n * width, V) + scores (n, width) among each sentence's width x V
-    candidates: (values, indices into width * V), best first, as `topk` of the sum.
+    candidates: (values, indices into width * V), best first, as `topk` of the sum (logp may be
+    overwritten).
 
     On CPU, without adding to or sorting the whole matrix: the vocabulary is split into blocks,
     and the k best candidates lie in the k blocks whose maxima are best, so only those are
