@@ -17,6 +17,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -136,7 +137,7 @@ def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: 
         translator = Translator.load(model, device, quantize=quantize, workers=inter, beam_size=settings["beam_size"],
                                      length_penalty=settings["length_penalty"], max_tokens=settings["max_tokens"])
         return System(name, translator.translate, {**settings, "quantize": quantize, "workers": inter,
-                                                   "threads_per_worker": threads // inter})
+                                                   "threads_per_worker": threads if inter == 1 else 1})
     compute_type = name.split()[1]
     ct2 = load_ct2(ct2_dir, device, compute_type, threads=threads // inter, inter_threads=inter)
     run = partial(ct2_translate, ct2, beam_size=settings["beam_size"], length_penalty=settings["length_penalty"],
@@ -148,6 +149,7 @@ def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: 
 def _worker(conn, name: str, lines: list[str], build: tuple) -> None:
     """A process of its own per system: build it, warm it up on all lines, then time a pass per request."""
     logging.disable(logging.INFO)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # exit handlers stop mtkit's worker processes
     system = make_system(name, *build)
     system.translate(lines)  # both engines prepare kernels per batch shape on first use
     conn.send("ready")

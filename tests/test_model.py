@@ -161,9 +161,9 @@ def test_output_length_is_limited_by_source_plus_offset():
 @pytest.mark.parametrize("small_kernels", [True, False])
 def test_cpu_decoding_path_gives_the_training_path_logits(norm, small_kernels, monkeypatch):
     """Inference on CPU attends with two matmuls instead of SDPA (elementwise where bmm's and
-    softmax's small-size kernels are slow: always at this size, or never), search lays out the
-    encoder keys transposed, and `for_cpu_inference` fuses q/k/v into one layer and packs every
-    linear layer (ReLU folded in): same logits as training's path."""
+    softmax's small-size kernels are slow: at this size every decoding step, or never), search
+    lays out the encoder keys transposed, and `for_cpu_inference` fuses q/k/v into one layer and
+    packs every linear layer (ReLU folded in): same logits as training's path."""
     if not small_kernels:
         monkeypatch.setattr(model_module, "SMALL_BMM", 0)
         monkeypatch.setattr(model_module, "SMALL_SOFTMAX", 0)
@@ -184,6 +184,10 @@ def test_softmax_equals_torch_softmax_at_every_length(length):
     scores = torch.randn(6, 3, 2, length) * 50  # exp overflows float32 without the max subtracted
     scores[0, 0, 0, 1:] = float("-inf")  # masked keys
     torch.testing.assert_close(softmax_(scores.clone()), scores.softmax(-1))
+    leaf = scores.clone().requires_grad_()  # eval-mode attention stays differentiable
+    (softmax_(leaf * 1.0) * torch.arange(length)).sum().backward()
+    (reference := scores.clone().requires_grad_()).softmax(-1).mul(torch.arange(length)).sum().backward()
+    torch.testing.assert_close(leaf.grad, reference.grad)
 
 
 @pytest.mark.parametrize("vocab, width", [(640, 1), (640, 4), (37, 4)])

@@ -60,9 +60,13 @@ slower at 8-15 keys than exp and sum, which it beats from 16 on)."""
 
 
 def softmax_(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, in place where that is faster (fewer than SMALL_SOFTMAX)."""
+    """Softmax over the last dimension; exp and sum, in place unless autograd needs the scores,
+    where that is faster (fewer than SMALL_SOFTMAX)."""
     if scores.size(-1) >= SMALL_SOFTMAX:
         return scores.softmax(-1)
+    if scores.requires_grad:
+        e = (scores - scores.amax(-1, keepdim=True)).exp()
+        return e / e.sum(-1, keepdim=True)
     scores.sub_(scores.amax(-1, keepdim=True)).exp_()
     return scores.div_(scores.sum(-1, keepdim=True))
 

@@ -26,18 +26,28 @@ def length_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | f
 def _start(model: Transformer, src: torch.Tensor):
     """Encode once and project the encoder keys/values once per sentence (not per hypothesis:
     the model's cross-attention lets a sentence's hypotheses share them), laid out once so every
-    step's batched matmuls read them without a copy: values contiguous, keys transposed (B, H, S,
-    d_k views of contiguous B, H, d_k, S: the scores' K^T, 10% faster there); empty caches."""
+    step's batched matmuls read them without a copy: contiguous, and on CPU the keys transposed
+    (B, H, S, d_k views of contiguous B, H, d_k, S: the scores' K^T, 10% faster there; SDPA on
+    CUDA wants them as they are); empty caches."""
     memory, mask = model.encode(src)
-    cross = [(k.transpose(2, 3).contiguous().transpose(2, 3), v.contiguous()) for k, v in model.cross_kv(memory)]
+    transposed = src.device.type == "cpu"
+    cross = [(k.transpose(2, 3).contiguous().transpose(2, 3) if transposed else k.contiguous(), v.contiguous())
+             for k, v in model.cross_kv(memory)]
     return cross, mask, model.new_cache()
 
 
 def _drop_sentences(cross: list, mask: torch.Tensor, keep: torch.Tensor):
     """The encoder keys/values and mask of the sentences `keep` (indices) still decoding, laid out
     as `_start` lays them out."""
-    cross = [(k.transpose(2, 3).index_select(0, keep).transpose(2, 3), v.index_select(0, keep)) for k, v in cross]
+    cross = [(_keep_layout(k, keep), v.index_select(0, keep)) for k, v in cross]
     return cross, mask.index_select(0, keep)
+
+
+def _keep_layout(k: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows `keep` of k, transposed in memory if k is."""
+    if k.stride(-1) == 1:
+        return k.index_select(0, keep)
+    return k.transpose(2, 3).index_select(0, keep).transpose(2, 3)
 
 
 @functools.lru_cache

@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -125,7 +126,15 @@ def keep_freed_memory() -> None:
 
 
 _FORKED: Translator | None = None
-"""The translator whose batches worker processes decode: they inherit it when forked."""
+"""In a worker process: the translator it decodes with, inherited when forked (not pickled)."""
+
+
+def _start_worker(translator: Translator) -> None:
+    """A worker process's start: one thread (GNU OpenMP's thread pool does not survive a fork; a
+    single thread never enters it), and the translator it inherited."""
+    global _FORKED
+    torch.set_num_threads(1)
+    _FORKED = translator
 
 
 def _search_forked(job: tuple[list[list[int]], int]) -> list[list[Hypothesis]]:
@@ -150,6 +159,8 @@ class Translator:
                  workers: int = 1):
         self.model, self.vocab, self.decode, self.device = model.eval(), vocab, decode, device
         self.workers, self._pool = workers, None
+        if workers < 1:
+            raise UserError(f"workers {workers}: expected 1 or more")
         if workers > 1 and device.type != "cpu":
             raise UserError(f"workers {workers}: worker processes are for CPU decoding")
         if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
@@ -162,8 +173,8 @@ class Translator:
              workers: int = 1, **overrides) -> "Translator":
         """From a checkpoint file or run directory; `overrides` replace DecodeConfig fields.
 
-        `workers` > 1 (CPU): that many batches decode at once, each in a process of its own with
-        torch's threads shared out among them (CTranslate2's inter_threads); output unchanged.
+        `workers` > 1 (CPU): that many batches decode at once, each in a forked process of its own
+        with one thread (CTranslate2's inter_threads); in fp32 the output is unchanged.
         """
         ckpt = resolve_model(path)
         state = load_checkpoint(ckpt)
@@ -213,22 +224,25 @@ class Translator:
 
     def _search_all(self, batches: list[list[list[int]]], nbest: int) -> Iterator[list[list[Hypothesis]]]:
         """Each batch's n-best lists, in order: here, or spread over the worker processes."""
-        if self.workers == 1 or len(batches) == 1:
-            return (self._search_batch(sources, nbest) for sources in batches)
+        if self.workers == 1 or len(batches) <= 1:
+            yield from (self._search_batch(sources, nbest) for sources in batches)
+            return
         if self._pool is None:  # forked on first use: the workers inherit the loaded model
-            global _FORKED
-            _FORKED = self
-            threads = max(1, torch.get_num_threads() // self.workers)
             self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
-                                             initializer=torch.set_num_threads, initargs=(threads,))
+                                             initializer=_start_worker, initargs=(self,))
             atexit.register(self.close)  # before interpreter teardown, which the pool's threads outlive
-        return self._pool.map(_search_forked, [(sources, nbest) for sources in batches])
+        try:
+            yield from self._pool.map(_search_forked, [(sources, nbest) for sources in batches])
+        except BrokenProcessPool:  # a worker died (killed, out of memory): the next call starts afresh
+            self.close()
+            raise
 
     def close(self) -> None:
         """Stop the worker processes, if any were started."""
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+            atexit.unregister(self.close)
 
     def run(self, lines: list[str], nbest: int = 1) -> list[Translation]:
         """Translate a list of lines (sorted by length into token-budget batches), in input order."""
@@ -249,9 +263,12 @@ class Translator:
         lengths = [len(s) for s in sources]
         budget = max(1, self.decode.max_tokens // self.decode.beam_size)
         batches = token_batches(lengths, lengths, budget)
-        if self.workers > 1 and len(batches) % self.workers:  # a multiple of the workers: none idles at the end
+        if self.workers > 1 and len(batches) % self.workers:
+            # Workers idle in the last round: a smaller budget that fills it, if there is one
             rounds = -(-len(batches) // self.workers)
-            batches = token_batches(lengths, lengths, max(1, budget * len(batches) // (rounds * self.workers)))
+            fuller = token_batches(lengths, lengths, max(1, budget * len(batches) // (rounds * self.workers)))
+            if len(fuller) == rounds * self.workers:
+                batches = fuller
         for batch, results in zip(batches, self._search_all([[sources[j] for j in b] for b in batches], nbest)):
             for j, hyps in zip(batch, results):
                 found[j] = hyps
