@@ -161,12 +161,13 @@ class Translator:
         self.workers, self._pool = workers, None
         if workers < 1:
             raise UserError(f"workers {workers}: expected 1 or more")
-        if workers > 1 and device.type != "cpu":
-            raise UserError(f"workers {workers}: worker processes are for CPU decoding")
-        if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
-            raise UserError(f"workers {workers}: worker processes need fork(), which this platform lacks")
-        if workers > 1 and multiprocessing.current_process().daemon:
-            raise UserError(f"workers {workers}: a daemonic process cannot start worker processes")
+        if workers > 1:
+            if device.type != "cpu":
+                raise UserError(f"workers {workers}: worker processes are for CPU decoding")
+            if "fork" not in multiprocessing.get_all_start_methods():
+                raise UserError(f"workers {workers}: worker processes need fork(), which this platform lacks")
+            if multiprocessing.current_process().daemon:
+                raise UserError(f"workers {workers}: a daemonic process cannot start worker processes")
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", quantize: Literal["int8"] | None = None,
@@ -225,7 +226,8 @@ class Translator:
     def _search_all(self, batches: list[list[list[int]]], nbest: int) -> Iterator[list[list[Hypothesis]]]:
         """Each batch's n-best lists, in order: here, or spread over the worker processes."""
         if self.workers == 1 or len(batches) <= 1:
-            yield from (self._search_batch(sources, nbest) for sources in batches)
+            for sources in batches:
+                yield self._search_batch(sources, nbest)
             return
         if self._pool is None:  # forked on first use: the workers inherit the loaded model
             self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
