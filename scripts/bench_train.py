@@ -31,11 +31,11 @@ from benchlib import finish, machine
 from mtkit.config import ModelConfig, RunConfig, load_config
 from mtkit.data.batching import collate, token_batches
 from mtkit.data.shards import PreparedData
+from mtkit.device import Precision, choose_precision, pick_device
 from mtkit.engine import (CPU_AUTO_MAX_TOKENS, ComputeContext, Dist, make_optimizer, probe_max_tokens,
                           train_step, wrap_model)
 from mtkit.model import BOS, EOS, PAD, Transformer, count_parameters
 from mtkit.train import learning_rate
-from mtkit.translate import pick_device
 
 log = logging.getLogger("bench_train")
 
@@ -82,7 +82,7 @@ class Setup:
     cfg: RunConfig
     norm_in_config: str  # model.norm before it was forced to post
     device: torch.device
-    bf16: bool
+    precision: Precision
     max_tokens: int
     vocab: tuple[int, int]  # source, target
 
@@ -177,17 +177,17 @@ def make_batches(data: PreparedData, cfg: RunConfig, max_tokens: int, count: int
     return out
 
 
-def build_mtkit(cfg: RunConfig, vocab: tuple[int, int], device: torch.device, bf16: bool) -> tuple[System, Transformer]:
+def build_mtkit(cfg: RunConfig, vocab: tuple[int, int], device: torch.device, precision: Precision) -> tuple[System, Transformer]:
     """Exactly what `mtkit train` builds: model, fused Adam, compile wrapper, autocast context."""
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model, *vocab).to(device)
     optimizer = make_optimizer(model, cfg.train)
     step_model = wrap_model(model, cfg.train, device, Dist())
     step_model.train()
-    return System("mtkit", step_model, optimizer, ComputeContext(device, bf16), count_parameters(model)), model
+    return System("mtkit", step_model, optimizer, ComputeContext(device, precision), count_parameters(model)), model
 
 
-def build_peer(cfg: RunConfig, vocab: tuple[int, int], device: torch.device, bf16: bool, compile_: bool) -> System:
+def build_peer(cfg: RunConfig, vocab: tuple[int, int], device: torch.device, precision: Precision, compile_: bool) -> System:
     """MarianMTModel with mtkit's dimensions, tied embeddings, special ids and dropout; SDPA attention."""
     from transformers import MarianConfig, MarianMTModel
 
@@ -205,12 +205,12 @@ def build_peer(cfg: RunConfig, vocab: tuple[int, int], device: torch.device, bf1
     adapter.train()
     optimizer = make_optimizer(adapter, cfg.train)  # the same fused Adam(W), betas and eps
     step_model = torch.compile(adapter, dynamic=True) if compile_ else adapter
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None)
     return System("peer", step_model, optimizer, autocast, count_parameters(adapter))
 
 
 def resolve_max_tokens(args: argparse.Namespace, cfg: RunConfig, model: Transformer, data: PreparedData,
-                       device: torch.device, bf16: bool) -> int:
+                       device: torch.device, precision: Precision) -> int:
     """--max-tokens, else train.max_tokens; auto: 4096 on CPU, on CUDA the probe `mtkit train` runs."""
     if args.max_tokens is not None:
         return args.max_tokens
@@ -219,7 +219,7 @@ def resolve_max_tokens(args: argparse.Namespace, cfg: RunConfig, model: Transfor
     if device.type != "cuda":
         return CPU_AUTO_MAX_TOKENS
     longest = int(max(a.lengths.max() for a in data.split("train"))) + 1
-    return probe_max_tokens(model, device, longest, ComputeContext(device, bf16), data.vocab.src_size)
+    return probe_max_tokens(model, device, longest, ComputeContext(device, precision), data.vocab.src_size)
 
 
 def sync(device: torch.device) -> None:
@@ -343,11 +343,11 @@ def summarize(system: System, rec: dict, timed: Batches, peaks: dict[str, float]
     }
 
 
-def peak_tflops(args: argparse.Namespace, device: torch.device, bf16: bool) -> dict[str, float]:
+def peak_tflops(args: argparse.Namespace, device: torch.device, precision: Precision) -> dict[str, float]:
     """Peaks that MFU is reported against; empty (MFU null) on CPU unless --peak-tflops."""
     if args.peak_tflops is not None:
         return {"given": args.peak_tflops}
-    if device.type == "cuda" and bf16:
+    if device.type == "cuda" and precision.name == "bf16":
         name = torch.cuda.get_device_name(device)
         if "H100" in name:
             return dict(H100_BF16_TFLOPS)
@@ -414,7 +414,7 @@ def setup_dict(args: argparse.Namespace, setup: Setup, timed: Batches) -> dict:
     real = sum(timed.src_tokens) + sum(timed.tgt_tokens)
     compile_ = setup.cfg.train.compile
     return {"config": str(args.config), "overrides": args.overrides, "device": setup.device.type,
-            "precision": "bf16" if setup.bf16 else "fp32", "max_tokens": setup.max_tokens, "steps": args.steps,
+            "precision": setup.precision.name, "max_tokens": setup.max_tokens, "steps": args.steps,
             "warmup": args.warmup, "repeats": args.repeats, "model": dataclasses.asdict(setup.cfg.model),
             "norm_in_config": setup.norm_in_config, "vocab_size": setup.vocab[1],
             "mtkit_compiled": compile_ is True or (compile_ == "auto" and setup.device.type == "cuda"),
@@ -429,7 +429,7 @@ NOTES = [
     "Both systems run the same collated batches, already on the device: data loading is not timed.",
     "Both are driven by mtkit.engine.train_step (label_smoothed_loss, fused Adam, no clipping unless "
     "train.clip_norm); the peer is MarianMTModel behind a forward(src, tgt_in) -> logits adapter.",
-    "mtkit runs under ComputeContext (bf16 autocast when asked; SDPA math kernel on CPU); the peer under "
+    "mtkit runs under ComputeContext (autocast in the chosen precision; SDPA math kernel on CPU); the peer under "
     "plain torch.autocast with SDPA's default kernel choice, as a transformers user would run it.",
     "Model FLOPs count non-pad tokens only; MFU = model FLOP/s / peak.",
 ]
@@ -441,21 +441,21 @@ def run(args: argparse.Namespace) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(args.device or cfg.train.device)
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    precision = choose_precision(cfg.train.precision, device)
     data = prepared_data(cfg)
     vocab = (data.vocab.src_size, data.vocab.tgt_size)
-    mtkit_system, model = build_mtkit(cfg, vocab, device, bf16)
-    max_tokens = resolve_max_tokens(args, cfg, model, data, device, bf16)
+    mtkit_system, model = build_mtkit(cfg, vocab, device, precision)
+    max_tokens = resolve_max_tokens(args, cfg, model, data, device, precision)
     batches = make_batches(data, cfg, max_tokens, args.warmup + args.steps, vocab[1], device)
     systems = [mtkit_system]
     if not args.no_peer:
-        systems.append(build_peer(cfg, vocab, device, bf16, args.peer_compile))
-    log.info("device %s%s; %d tokens per batch; systems: %s", device, ", bf16" if bf16 else "", max_tokens,
+        systems.append(build_peer(cfg, vocab, device, precision, args.peer_compile))
+    log.info("device %s, %s (%s); %d tokens per batch; systems: %s", device, precision.name, precision.reason, max_tokens,
              ", ".join(f"{s.name} ({s.parameters:,} parameters)" for s in systems))
     raw = benchmark(systems, batches, args, cfg, device)
     timed = batches.part(slice(args.warmup, None))
-    peaks = peak_tflops(args, device, bf16)
-    setup = Setup(cfg, norm_in_config, device, bf16, max_tokens, vocab)
+    peaks = peak_tflops(args, device, precision)
+    setup = Setup(cfg, norm_in_config, device, precision, max_tokens, vocab)
     summaries = {s.name: summarize(s, raw[s.name], timed, peaks, args.steps) for s in systems}
     ratio, per_repeat = None, []
     if "peer" in raw:

@@ -12,11 +12,12 @@ from torch import nn
 from conftest import tiny_model_config
 from mtkit.config import TrainConfig
 from mtkit.data.batching import collate
+from mtkit.device import Precision
 from mtkit.engine import ComputeContext, fit_max_tokens, make_optimizer, train_step
 from mtkit.model import Transformer
 
 V = 32
-CTX = ComputeContext(torch.device("cpu"), bf16=False)
+CTX = ComputeContext(torch.device("cpu"), Precision("fp32", "test"))
 
 
 def batch(rows: int = 6) -> tuple[dict, int]:
@@ -73,6 +74,27 @@ def test_a_non_finite_step_is_skipped_on_the_device():
                for k in moments)
     out, _ = train_step(model, optimizer, [b], n_tokens, 1, 1e-2, t, CTX)
     assert out["skipped"].item() == 0.0 and torch.isfinite(out["loss"])
+
+
+def test_an_fp16_overflow_skips_the_step_and_lowers_the_scale():
+    t = TrainConfig()
+    model = Transformer(tiny_model_config(), V, V)
+    optimizer = make_optimizer(model, t)
+    ctx = ComputeContext(torch.device("cpu"), Precision("fp16", "test"))
+    assert ctx.scaler is not None
+    b, n_tokens = batch()
+    train_step(model, optimizer, [b], n_tokens, 1, 1e-2, t, ctx)  # a normal step first: Adam has state
+    before = copy.deepcopy(model.state_dict())
+    ctx.scaler.update(2.0**40)  # a scale whose gradients overflow fp16 (max 65504)
+    out, _ = train_step(model, optimizer, [b], n_tokens, 1, 1e-2, t, ctx)
+    assert out["skipped"].item() == 1.0
+    assert ctx.scaler.get_scale() == 2.0**39  # halved (GradScaler's backoff)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    ctx.scaler.update(2.0**8)
+    out, _ = train_step(model, optimizer, [b], n_tokens, 1, 1e-2, t, ctx)
+    assert out["skipped"].item() == 0.0 and torch.isfinite(out["loss"])
+    assert not torch.equal(model.encoder[0].ffn.w1.weight, before["encoder.0.ffn.w1.weight"])
 
 
 def test_fit_max_tokens_finds_the_largest_budget_that_fits():

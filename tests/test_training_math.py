@@ -46,6 +46,27 @@ def test_label_smoothed_loss_against_hand_computation():
     assert unsmoothed.item() == pytest.approx(expected_nll, rel=1e-5)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_label_smoothed_loss_gradient_is_autograds_of_the_formula(eps):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 11) * 3).requires_grad_()
+    target = torch.randint(4, 11, (3, 7))
+    target[0, 5:] = PAD
+    target[2, 2:] = PAD
+    loss, nll = label_smoothed_loss(logits, target, eps)
+    loss.backward()
+    reference = logits.detach().clone().requires_grad_()
+    lprobs = reference.log_softmax(-1)
+    keep = target != PAD
+    smoothed = torch.full_like(lprobs, eps / 11).scatter_(-1, target[..., None], 1 - eps + eps / 11)
+    expected = -((smoothed * lprobs).sum(-1) * keep).sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(logits.grad, reference.grad)
+    assert logits.grad[~keep].abs().sum() == 0  # padding gets no gradient
+    assert not nll.requires_grad
+
+
 def test_token_batches_respect_the_budget_and_cover_every_sentence():
     rng = np.random.default_rng(0)
     src_lens, tgt_lens = rng.integers(1, 40, 500), rng.integers(1, 40, 500)

@@ -14,7 +14,9 @@ import typer
 
 from mtkit.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+# An internal error prints Python's plain traceback: never Typer's pretty one, whose boxes show the
+# local variables of every frame (tensors, configs, whatever was in scope).
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="mtkit: the Transformer of 'Attention Is All You Need' for machine translation.\n\n"
                        "prepare -> train -> translate -> evaluate. Logs go to stderr, data to stdout.")
 log = logging.getLogger("mtkit")
@@ -44,8 +46,24 @@ def _errors_to_exit(func):
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from mtkit.device import versions
+
+    v = versions()
+    typer.echo(f"mtkit {v['mtkit']}\n"
+               f"torch {v['torch']} ({v['torch_build']}; CPU capability {v['torch_cpu_capability']}; "
+               f"CUDA device available: {v['cuda_available'].lower()})\n"
+               f"sentencepiece {v['sentencepiece']}\nsacrebleu {v['sacrebleu']}\npython {v['python']}")
+    raise typer.Exit()
+
+
 @app.callback()
-def main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False):
+def main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+         version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the versions of mtkit, torch (with its CUDA or CPU "
+                                                    "build), sentencepiece and sacrebleu, and exit.")] = False):
     """Set up logging to stderr."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="mtkit: %(message)s")
@@ -111,7 +129,7 @@ def translate(model: ModelOpt = None,
               early_exit: Annotated[Optional[bool], typer.Option("--early-exit/--no-early-exit", help="End a sentence when a step's best candidate is EOS, as CTranslate2 does without length penalty (default: decode.early_exit).")] = None,
               quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Dynamic int8 quantisation of the linear layers (CPU).")] = None,
               workers: Annotated[int, typer.Option("--workers", min=1, help="CPU: decode this many batches at once, each in a forked process with one thread (CTranslate2's inter_threads): faster on several cores; in fp32 the same output.")] = 1,
-              window: Annotated[int, typer.Option("--window", min=1, help="Lines read, sorted and translated at a time: output starts after the first window and memory stays bounded on an endless pipe.")] = 1000,
+              window: Annotated[int, typer.Option("--window", min=1, help="Lines read, sorted and translated at a time: output starts after the first window and memory stays bounded on an endless pipe (1 when stdin is a terminal: each line is answered as it is entered).")] = 1000,
               attention: Annotated[Optional[Path], typer.Option("--attention", metavar="DIR", help="Write DIR/NNNNNN.png per line: encoder-decoder attention heatmap (subwords on the axes).")] = None,
               alignment: Annotated[Optional[Path], typer.Option("--alignment", metavar="FILE", help="Write the hard alignment (argmax of the attention) per line to FILE, Pharaoh format 'src-tgt' over subwords.")] = None,
               layer: Annotated[int, typer.Option("--layer", help="Decoder layer for --attention/--alignment (-1: the last).")] = -1,
@@ -132,6 +150,9 @@ def translate(model: ModelOpt = None,
         raise UserError(f"--errors {errors!r}: expected strict or replace")
     if quantize not in (None, "int8"):
         raise UserError(f"--quantize {quantize!r}: only int8 is supported")
+    if (input is None or str(input) == "-") and sys.stdin.isatty():
+        window = 1  # a person typing: answer each line as it is entered (fairseq-interactive does)
+        log.info("translating each line as it is entered; Ctrl-D ends")
     lines = stream_lines(input, errors)
     translator = _load_translator(model, beam, length_penalty, greedy, max_tokens, device, quantize, early_exit,
                                   workers)

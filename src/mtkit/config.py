@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +123,10 @@ class TrainConfig:
     """Stop after this many optimizer steps (paper base: 100k)."""
     max_epochs: int | None = None
     """Stop after this many passes over the data; None: no limit."""
+    max_time: float | str | None = None
+    """Stop after this much wall-clock time of one `mtkit train` invocation, final validation and
+    checkpoint included: seconds or "90s", "15m", "2h" (a Slurm job's limit); --resume continues
+    with a new budget; None: no limit."""
     lr_factor: float = 1.0
     """Multiplier on the paper's schedule d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
     warmup_steps: int = 4000
@@ -147,8 +153,10 @@ class TrainConfig:
     """Stop when validation BLEU has not improved for this many validations; None: off."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available, else CPU."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: from the hardware: on CPU bf16 autocast only where the CPU computes bf16 natively
+    (AVX512-BF16 or AMX), else fp32; on CUDA bf16 where the GPU supports it, else fp16 autocast
+    with a gradient scaler. An explicit bf16 on a CPU without it is emulated (many times slower)."""
     threads: int | None = None
     """CPU threads for torch; None: torch's default."""
     compile: bool | Literal["auto"] = "auto"
@@ -286,9 +294,34 @@ def _check(cfg: RunConfig) -> list[str]:
         for split in ("train", "valid"):
             if split not in d.splits:
                 problems.append(f"data.splits.{split} is required")
+    if t.max_time is not None:
+        try:
+            parse_duration(t.max_time)
+        except ValueError as exc:
+            problems.append(f"train.max_time: {exc}")
     if d.format == "hub" and not d.hub_name:
         problems.append("data.hub_name is required when data.format is hub")
     return problems
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: float | str) -> float:
+    """Seconds of a duration: a number of seconds, or a number with a unit s, m, h or d ("1h30m" too)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d*)?", text):
+            text += "s"
+        parts = re.fullmatch(r"((\d+(\.\d*)?|\.\d+)[smhd])+", text)
+        if parts is None:
+            raise ValueError(f"{value!r} is not a duration (seconds, or e.g. 90s, 15m, 2h, 1h30m)")
+        seconds = sum(float(n) * _UNITS[u] for n, _, u in re.findall(r"(\d+(\.\d*)?|\.\d+)([smhd])", text))
+    if not seconds > 0 or math.isinf(seconds):
+        raise ValueError(f"{value!r} must be a positive, finite duration")
+    return seconds
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

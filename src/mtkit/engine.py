@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mtkit.config import TrainConfig
+from mtkit.device import Precision, pick_device
 from mtkit.model import PAD, Transformer
-from mtkit.translate import pick_device
 
 log = logging.getLogger("mtkit")
 
@@ -55,16 +55,18 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 
 class ComputeContext:
-    """bf16 autocast when asked; on CPU, SDPA's math kernel (its fused CPU kernels measured
-    1.1x slower in fp32 and 1.5x slower in bf16 for training steps here). Re-enterable."""
+    """Autocast in the run's precision (none in fp32), the gradient scaler fp16 needs, and on CPU
+    SDPA's math kernel (its fused CPU kernels measured slower for training steps). Re-enterable."""
 
-    def __init__(self, device: torch.device, bf16: bool):
-        self.device, self.bf16 = device, bf16
+    def __init__(self, device: torch.device, precision: Precision):
+        self.device, self.precision = device, precision
+        # fp16's range underflows small gradients: scale the loss up, unscale before the update.
+        self.scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
 
     def __enter__(self) -> "ComputeContext":
         self.stack = ExitStack()
-        if self.bf16:
-            self.stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        if self.precision.dtype is not None:
+            self.stack.enter_context(torch.autocast(self.device.type, dtype=self.precision.dtype))
         if self.device.type == "cpu":
             self.stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         return self
@@ -73,17 +75,40 @@ class ComputeContext:
         return self.stack.__exit__(*exc)
 
 
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    """Section 5.4's loss with its gradient written out, softmax minus the smoothed target: one
+    saved (N, V) tensor instead of autograd's chain of vocabulary-sized intermediates (log-softmax,
+    gather, sum, each one's backward, and the sum of the two gradients)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, epsilon: float):
+        lprobs = logits.float().log_softmax(-1)  # (N, V)
+        drop = target == PAD
+        nll = -lprobs.gather(1, target[:, None]).squeeze(1).masked_fill(drop, 0.0)  # (N,)
+        smooth = -lprobs.sum(-1).masked_fill(drop, 0.0) / lprobs.size(-1)
+        ctx.save_for_backward(lprobs, target)
+        ctx.epsilon, ctx.dtype = epsilon, logits.dtype
+        nll_sum = nll.sum()
+        ctx.mark_non_differentiable(nll_sum)
+        return (1.0 - epsilon) * nll_sum + epsilon * smooth.sum(), nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
+        lprobs, target = ctx.saved_tensors
+        eps = ctx.epsilon
+        grad = lprobs.exp().sub_(eps / lprobs.size(-1))  # p - eps / V ...
+        grad.scatter_add_(1, target[:, None], grad.new_full((target.numel(), 1), eps - 1.0))  # ... - (1 - eps) y
+        grad.mul_(((target != PAD).to(grad.dtype) * grad_loss)[:, None])
+        return grad.to(ctx.dtype), None, None
+
+
 def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 5.4: cross-entropy against (1 - eps) * one-hot + eps / V; sums over non-pad tokens.
 
-    Returns (smoothed loss sum, negative log-likelihood sum).
+    Returns (smoothed loss sum, negative log-likelihood sum, the latter without gradient).
     """
-    lprobs = logits.float().log_softmax(-1).view(-1, logits.size(-1))
-    target = target.reshape(-1)
-    keep = target != PAD
-    nll = F.nll_loss(lprobs, target, ignore_index=PAD, reduction="sum")
-    smooth = -(lprobs.sum(-1) * keep).sum() / lprobs.size(-1)
-    return (1.0 - epsilon) * nll + epsilon * smooth, nll.detach()
+    loss, nll = _SmoothedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), target.reshape(-1), epsilon)
+    return loss, nll
 
 
 def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -122,7 +147,8 @@ def _backward_all(step_model: nn.Module, micro: list[dict], scale: float, t: Tra
             with autocast:
                 logits = step_model(b["src"], b["tgt_in"])
             loss, nll = label_smoothed_loss(logits, b["tgt_out"], t.label_smoothing)
-            (loss * scale).backward()
+            scaled = loss * scale
+            (scaled if autocast.scaler is None else autocast.scaler.scale(scaled)).backward()
         loss_sum, nll_sum = loss_sum + loss.detach(), nll_sum + nll
     return loss_sum, nll_sum
 
@@ -135,7 +161,8 @@ def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, micro: l
     The loss is divided by `n_tokens`, the non-pad target tokens of the whole step on all ranks
     (known from the batch index, no communication), times `world` because DDP averages gradients:
     1 process with accumulation 2 and 2 processes compute the same update. A non-finite gradient
-    norm makes the fused optimizer skip the update on the device. On CUDA out-of-memory the
+    norm makes the fused optimizer skip the update on the device (in fp16 the gradient scaler
+    does, and lowers its scale). On CUDA out-of-memory the
     step is redone with every micro-batch split in two (same gradient). Returns the step's sums
     (device tensors: loss, nll, norm, skipped) and the number of parts finally used.
     """
@@ -151,13 +178,20 @@ def train_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, micro: l
             parts *= 2
             log.warning("out of memory: retrying the step with batches split in %d", parts)
             torch.cuda.empty_cache()
+    scaler = autocast.scaler
+    if scaler is not None:  # fp16: unscale in place (recording overflows) before the norm
+        scaler.unscale_(optimizer)
     params = [p for p in step_model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, t.clip_norm or float("inf"), foreach=True)
     skipped = (~torch.isfinite(norm)).float()
-    optimizer.found_inf = skipped  # the fused Adam kernel leaves weights and moments untouched
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    if scaler is None:
+        optimizer.found_inf = skipped  # the fused Adam kernel leaves weights and moments untouched
+        optimizer.step()
+    else:  # skips an overflowing step on the device and lowers the scale (raises it after 2000 good ones)
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_sum, "nll": nll_sum, "norm": norm, "skipped": skipped}, parts
 

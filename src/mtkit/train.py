@@ -13,6 +13,7 @@ import math
 import shutil
 import sys
 import time
+from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import tee
@@ -25,10 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mtkit.checkpoint import BEST, load_checkpoint, prune, remove_stray_temps, save_checkpoint, step_checkpoints
-from mtkit.config import RunConfig, config_to_dict, save_config
+from mtkit.config import RunConfig, config_to_dict, parse_duration, save_config
 from mtkit.curves import plot_curves
 from mtkit.data.batching import collate, rank_batches, step_groups, token_batches
 from mtkit.data.shards import PreparedData, TokenArray
+from mtkit.device import Precision, choose_precision, describe, versions
 from mtkit.engine import (ComputeContext, Dist, init_distributed, label_smoothed_loss, make_optimizer,
                           probe_max_tokens, train_step, wrap_model)
 from mtkit.errors import UserError
@@ -39,10 +41,11 @@ from mtkit.translate import Translator
 log = logging.getLogger("mtkit")
 
 # Keys that may change between a run and its resumption without changing what is trained.
-RESUMABLE_CHANGES = ("train.max_steps", "train.max_epochs", "train.valid_every", "train.log_every",
+RESUMABLE_CHANGES = ("train.max_steps", "train.max_epochs", "train.max_time", "train.valid_every", "train.log_every",
                      "train.keep_last", "train.patience", "train.device", "train.threads",
                      "train.valid_bleu_sentences", "train.compile", "decode.", "data.num_proc", "data.shard_size")
 MAX_BAD_STEPS = 10
+STARTS = "starts.jsonl"  # one line per invocation: versions, hardware, precision
 
 
 def learning_rate(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
@@ -62,6 +65,24 @@ class TrainState:
     bad_validations: int = 0
     max_tokens: int | None = None
     history: list = field(default_factory=list)
+    elapsed: float = 0.0  # seconds of training up to this state, over every invocation
+
+
+class Clock:
+    """Wall-clock time of this invocation (what train.max_time bounds) and of the whole run."""
+
+    def __init__(self, before: float = 0.0):
+        self.start, self.before = time.monotonic(), before
+
+    def this_run(self) -> float:
+        return time.monotonic() - self.start
+
+    def total(self) -> float:
+        return self.before + self.this_run()
+
+    def stamp(self) -> dict:
+        """What every log record carries: the time of day (UTC, ISO 8601) and the run's elapsed seconds."""
+        return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "elapsed": round(self.total(), 1)}
 
 
 @dataclass
@@ -78,6 +99,7 @@ class Run:
     autocast: ComputeContext
     ranks: Dist
     device: torch.device
+    clock: Clock
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -153,7 +175,10 @@ def _checkpoint(run: Run, state: TrainState, with_train_state: bool = True) -> d
             "optimizer": run.optimizer.state_dict(), "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
             "best_bleu": state.best_bleu, "bad_validations": state.bad_validations,
             "max_tokens": state.max_tokens, "history": state.history, "torch_rng": torch.get_rng_state(),
+            "elapsed": state.elapsed,
         }
+        if run.autocast.scaler is not None:
+            ckpt["train_state"]["grad_scaler"] = run.autocast.scaler.state_dict()
     return ckpt
 
 
@@ -166,13 +191,15 @@ def _setup_run_dir(cfg: RunConfig, resume: bool, force: bool) -> Path:
                             "or --force to start over")
         shutil.rmtree(ckpt_dir)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
+        (run_dir / STARTS).unlink(missing_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stray in remove_stray_temps(ckpt_dir):  # left by a save that was killed half-way
         log.warning("removed %s, left by an interrupted checkpoint save", stray)
     return run_dir
 
 
-def _restore(model, optimizer, cfg: RunConfig, run_dir: Path, force: bool, main: bool) -> TrainState:
+def _restore(model, optimizer, autocast: ComputeContext, cfg: RunConfig, run_dir: Path, force: bool,
+             main: bool) -> TrainState:
     """Load the newest step checkpoint of `run_dir` into model and optimizer."""
     steps = step_checkpoints(run_dir / "checkpoints")
     if not steps:
@@ -190,8 +217,10 @@ def _restore(model, optimizer, cfg: RunConfig, run_dir: Path, force: bool, main:
     ts = ckpt["train_state"]
     optimizer.load_state_dict(ts["optimizer"])
     torch.set_rng_state(ts["torch_rng"])
+    if autocast.scaler is not None and "grad_scaler" in ts:
+        autocast.scaler.load_state_dict(ts["grad_scaler"])
     state = TrainState(ckpt["step"], ts["epoch"], ts["batch_in_epoch"], ts["best_bleu"],
-                       ts["bad_validations"], ts.get("max_tokens"), ts["history"])
+                       ts["bad_validations"], ts.get("max_tokens"), ts["history"], ts.get("elapsed", 0.0))
     log_path = run_dir / "log.jsonl"
     if main and log_path.exists():  # forget what was logged after the checkpoint: those steps run again
         kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= state.step]
@@ -223,7 +252,8 @@ def _broadcast(value, ranks: Dist):
 
 
 def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
-    """Train until max_steps, max_epochs or early stopping; returns the run directory."""
+    """Train until max_steps, max_epochs, max_time or early stopping; returns the run directory."""
+    clock = Clock()  # train.max_time counts from here: loading and validation are part of the budget
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -233,8 +263,9 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     ranks, device = init_distributed(t.device)
     if not ranks.main:
         log.setLevel(logging.WARNING)
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    autocast = ComputeContext(device, bf16)
+    precision = choose_precision(t.precision, device)
+    log.info("precision %s (%s)", precision.name, precision.reason)
+    autocast = ComputeContext(device, precision)
     run_dir = Path(t.run_dir)
     if ranks.main:
         _setup_run_dir(cfg, resume, force)
@@ -242,7 +273,9 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model, data.vocab.src_size, data.vocab.tgt_size).to(device)
     optimizer = make_optimizer(model, t)
-    state = _restore(model, optimizer, cfg, run_dir, force, ranks.main) if resume else TrainState()
+    state = (_restore(model, optimizer, autocast, cfg, run_dir, force, ranks.main) if resume
+             else TrainState())
+    clock.before = state.elapsed
     if state.max_tokens is None:  # resolved once per run, so resume rebuilds the same batches
         longest = max(a.longest for a in data.split("train")) + 1  # from the manifest: no scan
         state.max_tokens = (probe_max_tokens(model, device, longest, autocast, data.vocab.src_size)
@@ -252,17 +285,28 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
         torch.manual_seed(t.seed * 1000 + ranks.rank + state.step)
     if ranks.main:
         save_config(cfg, run_dir / "config.yaml")
-    log.info("model: %s parameters; device %s%s; %d tokens per batch x %d accumulated x %d ranks",
-             f"{count_parameters(model):,}", device, ", bf16" if bf16 else "", state.max_tokens,
-             t.accum_steps, ranks.world)
+        _record_start(run_dir, device, precision, resume, state, ranks, clock)
+    log.info("model: %s parameters; device %s; %d tokens per batch x %d accumulated x %d ranks",
+             f"{count_parameters(model):,}", describe(device), state.max_tokens, t.accum_steps, ranks.world)
     run = Run(cfg, model, wrap_model(model, t, device, ranks), optimizer,
-              Translator(model, data.vocab, cfg.decode, device), data, run_dir, autocast, ranks, device)
+              Translator(model, data.vocab, cfg.decode, device, precision=precision), data, run_dir, autocast,
+              ranks, device, clock)
     try:
         _loop(run, state)
     finally:
         if ranks.world > 1:
             dist.destroy_process_group()
     return run_dir
+
+
+def _record_start(run_dir: Path, device: torch.device, precision: Precision, resume: bool, state: TrainState,
+                  ranks: Dist, clock: Clock) -> None:
+    """One line per invocation in RUN_DIR/starts.jsonl: versions, hardware and the precision chosen."""
+    record = {**clock.stamp(), "step": state.step, "resumed": resume, "hardware": describe(device),
+              "precision": precision.name, "precision_reason": precision.reason,
+              "threads": torch.get_num_threads(), "ranks": ranks.world, "versions": versions()}
+    with open(run_dir / STARTS, "a" if resume else "w", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 class _Window:
@@ -300,25 +344,92 @@ class _Window:
         return {"step": state.step, "epoch": state.epoch + 1, "loss": loss / max(tokens, 1),
                 "nll": nll / max(tokens, 1), "lr": lr, "tgt_tokens_per_s": self.tgt_tokens / elapsed,
                 "tokens_per_s": real / elapsed, "padding": 1 - real / max(self.padded, 1),
-                "skipped_steps": int(skipped)}
+                "skipped_steps": int(skipped), "steps_per_s": self.steps / elapsed}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Progress:
+    """Progress on stderr: a tqdm bar at a terminal; elsewhere (nohup, Slurm, CI, a pipe) one log line
+    per log record with step, loss, lr, tokens/s, elapsed time and ETA; nothing under -q."""
+
+    def __init__(self, run: Run, state: TrainState):
+        self.run, self.cfg = run, run.cfg.train
+        shown = run.ranks.main and log.isEnabledFor(logging.INFO)
+        self.bar = tqdm(total=self.cfg.max_steps, initial=state.step, desc="train", unit="step",
+                        dynamic_ncols=True, disable=not (shown and sys.stderr.isatty()))
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def eta(self, state: TrainState, steps_per_s: float) -> float:
+        """Seconds to the nearer of max_steps and max_time, at the current rate."""
+        left = (self.cfg.max_steps - state.step) / max(steps_per_s, 1e-9)
+        if self.cfg.max_time is not None:
+            left = min(left, max(parse_duration(self.cfg.max_time) - self.run.clock.this_run(), 0.0))
+        return left
+
+    def show(self, record: dict, state: TrainState) -> None:
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tgt_tokens_per_s']:.0f}")
+            return
+        log.info("step %d/%d: loss %.3f, lr %.2e, %.0f tgt tokens/s, elapsed %s, ETA %s", state.step,
+                 self.cfg.max_steps, record["loss"], record["lr"], record["tgt_tokens_per_s"],
+                 _duration(self.run.clock.total()), _duration(self.eta(state, record["steps_per_s"])))
+
+    def say(self, message: str) -> None:
+        """A line between bar updates (validation results)."""
+        if not self.bar.disable:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            log.info("%s", message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _open_log(run: Run, state: TrainState):
+    """log.jsonl for appending; a fresh start (step 0) starts a fresh log."""
+    path = run.run_dir / "log.jsonl"
+    return open(path, "a" if state.step else "w", encoding="utf-8")
 
 
 def _loop(run: Run, state: TrainState) -> None:
-    """The training loop with its progress bar and log file, closed however it ends."""
-    t, main = run.cfg.train, run.ranks.main
-    log_file = open(run.run_dir / "log.jsonl", "a", encoding="utf-8") if main else None
-    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not main)
+    """The training loop with its progress and log file, closed however it ends."""
+    main = run.ranks.main
+    log_file = _open_log(run, state) if main else None
+    progress = _Progress(run, state)
     try:
-        stop = _steps(run, state, bar, log_file)
+        stop = _steps(run, state, progress, log_file)
+        if log_file:
+            _write(log_file, {"step": state.step, **run.clock.stamp(), "stopped": stop})
     finally:
-        bar.close()  # before any error line, so it starts a line of its own
+        progress.close()  # before any error line, so it starts a line of its own
         if log_file:
             log_file.close()
-    log.info("stopped at step %d: %s; best valid BLEU %.2f", state.step, stop, state.best_bleu or 0.0)
+    log.info("stopped at step %d: %s; best valid BLEU %.2f; %s elapsed", state.step, stop, state.best_bleu or 0.0,
+             _duration(run.clock.total()))
 
 
-def _steps(run: Run, state: TrainState, bar: tqdm, log_file) -> str:
+def _write(log_file, record: dict) -> None:
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+
+
+def _out_of_time(run: Run, state: TrainState, reserve: float) -> bool:
+    """train.max_time reached, counting the final validation and save (`reserve`, as the last one
+    took); with several ranks rank 0 decides at log intervals, so all stop at the same step."""
+    t = run.cfg.train
+    if t.max_time is None or (run.ranks.world > 1 and state.step % t.log_every):
+        return False
+    return _broadcast(run.clock.this_run() + reserve >= parse_duration(t.max_time), run.ranks)
+
+
+def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
     """Steps, logging, validation, checkpoints, until a reason to stop, which it returns."""
     cfg, t, ranks = run.cfg, run.cfg.train, run.ranks
     src, tgt = run.data.split("train")
@@ -327,6 +438,7 @@ def _steps(run: Run, state: TrainState, bar: tqdm, log_file) -> str:
     window, parts, lr = _Window(run.device), 1, 0.0
     stop = f"reached max_steps {t.max_steps}" if state.step >= t.max_steps else None
     validated_at = state.step  # a resumed run restarts from a validated checkpoint
+    reserve = 0.0  # how long the last validation and save took: the final one must fit in max_time
     bad_run = torch.zeros((), device=run.device)  # consecutive skipped (non-finite) steps
     while stop is None:
         epoch = (src.lengths, tgt.lengths, state.max_tokens, t.seed, state.epoch, group_size, t.pool_size,
@@ -345,14 +457,17 @@ def _steps(run: Run, state: TrainState, bar: tqdm, log_file) -> str:
             state.batch_in_epoch += group_size
             window.add(out, group, src, tgt, n_tokens)
             bad_run = (bad_run + out["skipped"]) * out["skipped"]
-            bar.update(1)
+            progress.step()
             if state.step % t.log_every == 0:
-                _log_window(window, state, lr, bar, log_file, ranks, bad_run)
-            at_end = state.step >= t.max_steps
-            if state.step % t.valid_every == 0 or at_end:
-                stop, validated_at = _validate_and_save(run, state, log_file), state.step
-            if at_end and stop is None:
+                _log_window(run, window, state, lr, progress, log_file, bad_run)
+            if state.step >= t.max_steps:
                 stop = f"reached max_steps {t.max_steps}"
+            elif _out_of_time(run, state, reserve):
+                stop = f"reached max_time {t.max_time} (this invocation; --resume continues)"
+            if state.step % t.valid_every == 0 or stop is not None:
+                began = time.monotonic()
+                stop, validated_at = _validate_and_save(run, state, progress, log_file) or stop, state.step
+                reserve = time.monotonic() - began
             if stop is not None:
                 break
         else:
@@ -362,42 +477,41 @@ def _steps(run: Run, state: TrainState, bar: tqdm, log_file) -> str:
             if t.max_epochs is not None and state.epoch >= t.max_epochs:
                 stop = f"reached max_epochs {t.max_epochs}"
     if state.step != validated_at:  # stopped between validations (max_epochs)
-        _validate_and_save(run, state, log_file)
+        _validate_and_save(run, state, progress, log_file)
     return stop
 
 
-def _log_window(window: _Window, state: TrainState, lr: float, bar, log_file, ranks: Dist,
+def _log_window(run: Run, window: _Window, state: TrainState, lr: float, progress: _Progress, log_file,
                 bad_run: torch.Tensor) -> None:
-    record, window_steps = window.record(state, lr, ranks), window.steps
+    record, window_steps = window.record(state, lr, run.ranks), window.steps
+    record.update(run.clock.stamp())
     window.reset()
     if record["skipped_steps"]:
         log.warning("step %d: %d of the last %d updates skipped for a non-finite gradient norm",
                     state.step, record["skipped_steps"], window_steps)
     if log_file:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tgt_tokens_per_s']:.0f}")
+        _write(log_file, record)
+    progress.show(record, state)
     if int(bad_run) >= MAX_BAD_STEPS:
         raise UserError(f"training diverged: {int(bad_run)} non-finite steps in a row; lower train.lr_factor")
 
 
-def _validate_and_save(run: Run, state: TrainState, log_file) -> str | None:
+def _validate_and_save(run: Run, state: TrainState, progress: _Progress, log_file) -> str | None:
     """Rank 0 validates, writes step/best checkpoints and curves; returns a reason to stop, or None."""
     stop = None
     if run.ranks.main:
-        stop = _validate_and_save_main(run, state, log_file)
+        stop = _validate_and_save_main(run, state, progress, log_file)
     _barrier(run.ranks)
     return _broadcast(stop, run.ranks)
 
 
-def _validate_and_save_main(run: Run, state: TrainState, log_file) -> str | None:
+def _validate_and_save_main(run: Run, state: TrainState, progress: _Progress, log_file) -> str | None:
     metrics = validate(run.model, run.translator, run.data, run.cfg, run.autocast, state.max_tokens)
-    record = {"step": state.step, "epoch": state.epoch + 1, **metrics}
+    record = {"step": state.step, "epoch": state.epoch + 1, **metrics, **run.clock.stamp()}
     state.history.append(record)
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
-    tqdm.write(f"step {state.step}: valid loss {metrics['valid_loss']:.3f}, "
-               f"ppl {metrics['valid_ppl']:.2f}, BLEU {metrics['valid_bleu']:.2f}", file=sys.stderr)
+    _write(log_file, record)
+    progress.say(f"step {state.step}: valid loss {metrics['valid_loss']:.3f}, "
+                 f"ppl {metrics['valid_ppl']:.2f}, BLEU {metrics['valid_bleu']:.2f}")
     ckpt_dir = run.run_dir / "checkpoints"
     bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:  # never write a checkpoint that cannot translate; the previous ones stay
@@ -409,6 +523,7 @@ def _validate_and_save_main(run: Run, state: TrainState, log_file) -> str | None
         state.best_bleu, state.bad_validations = metrics["valid_bleu"], 0
     else:
         state.bad_validations += 1
+    state.elapsed = run.clock.total()
     save_checkpoint(_checkpoint(run, state), ckpt_dir / f"step_{state.step:08d}.pt")
     if improved:
         save_checkpoint(_checkpoint(run, state, with_train_state=False), ckpt_dir / BEST)

@@ -32,6 +32,7 @@ from mtkit.config import DecodeConfig, config_from_dict
 from mtkit.data.batching import pad, token_batches
 from mtkit.data.corpus import normalize
 from mtkit.data.vocab import Vocab
+from mtkit.device import Precision, decode_precision, pick_device
 from mtkit.errors import UserError
 from mtkit.model import BOS, EOS, FeedForward, Transformer
 from mtkit.search import Hypothesis, beam_search, greedy_search
@@ -40,19 +41,6 @@ log = logging.getLogger("mtkit")
 
 # Where an overlong line may be cut: after sentence-internal punctuation followed by a space.
 CUT_POINTS = re.compile(r"(?<=[.!?;:,。！？；])\s+")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """auto: CUDA when available, else CPU; cuda or cuda:N only when CUDA is there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r}: no CUDA device is available here")
-    return device
 
 
 class PackedLinear(nn.Module):
@@ -156,8 +144,10 @@ class Translator:
     """A loaded model with its vocabulary and decoding settings."""
 
     def __init__(self, model: Transformer, vocab: Vocab, decode: DecodeConfig, device: torch.device,
-                 workers: int = 1):
+                 workers: int = 1, precision: Precision | None = None):
         self.model, self.vocab, self.decode, self.device = model.eval(), vocab, decode, device
+        # CPU decoding is fp32 (its packed and int8 paths); on CUDA bf16, or fp16 where bf16 is missing
+        self.precision = precision or decode_precision(device)
         self.workers, self._pool = workers, None
         if workers < 1:
             raise UserError(f"workers {workers}: expected 1 or more")
@@ -185,7 +175,7 @@ class Translator:
         model.load_state_dict(state["model"])
         dev = pick_device(device)
         if quantize == "int8" and dev.type != "cpu":
-            raise UserError("--quantize int8 is for CPU decoding; on CUDA mtkit decodes in bf16")
+            raise UserError("--quantize int8 is for CPU decoding; on CUDA mtkit decodes in bf16 or fp16")
         if dev.type == "cpu":
             model = for_cpu_inference(model.eval(), quantize)
             keep_freed_memory()
@@ -213,8 +203,8 @@ class Translator:
 
     def _search(self, src: torch.Tensor, nbest: int) -> list[list[Hypothesis]]:
         d = self.decode
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
+        dtype = self.precision.dtype if self.device.type == "cuda" else None
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             if d.beam_size == 1 and nbest == 1:
                 return [[Hypothesis(t, 0.0)] for t in greedy_search(self.model, src, d.max_len_offset)]
             return beam_search(self.model, src, d.beam_size, d.length_penalty, d.max_len_offset, nbest,
@@ -379,6 +369,8 @@ def translate_to(translator: Translator, lines: Iterable[str], out: Outputs) -> 
                 text.write(result.nbest[0][0] + "\n")
             else:
                 text.writelines(f"{count - 1} ||| {t} ||| {s:.4f}\n" for t, s in result.nbest)
+            if count % out.window == 0:  # a window's lines leave at once (a person at a terminal, a pipe)
+                text.flush()
             if align is None and out.attention_dir is None:
                 continue
             if len(result.src_ids) > translator.source_limit:  # translated in pieces: no one picture
@@ -393,6 +385,4 @@ def translate_to(translator: Translator, lines: Iterable[str], out: Outputs) -> 
                 save_heatmap(weights, translator.vocab.src_pieces_of(result.src_ids),
                              translator.vocab.tgt_pieces_of(result.tgt_ids),
                              out.attention_dir / f"{count:06d}.png", f"line {count}: {result.nbest[0][0]}")
-            if count % out.window == 0:
-                text.flush()
     return count
