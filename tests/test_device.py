@@ -54,7 +54,7 @@ def test_explicit_bf16_on_a_cpu_without_it_warns_once_naming_the_hardware(cpu_wi
     assert chosen.name == "bf16"  # the user's choice is kept
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert "train.precision bf16" in message and "CPU" in message and "slower than fp32" in message
+    assert "train.precision bf16" in message and "CPU" in message and "slower than in fp32" in message
 
 
 def test_explicit_bf16_on_a_native_cpu_is_silent(cpu_with_bf16, caplog):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mtkit.errors import UserError
+from mtkit.io import cause, file_mode
 
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 BEST, AVERAGED = "best.pt", "averaged.pt"
@@ -42,12 +43,13 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
                 raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # as any file the user makes (mkstemp's are private)
         os.replace(tmp, path)
         _fsync_directory(path.parent)
     except OSError as exc:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); "
+        raise UserError(f"{path}: cannot write checkpoint ({cause(exc)}); "
                         "the checkpoints already on disk are untouched") from None
     except BaseException:
         if tmp:
@@ -111,11 +113,22 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return _read(path)
     except Exception as exc:  # truncated, empty, random bytes, or a pickle that wants to run code
-        text = str(exc).strip()
-        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+        reason = _why_unloadable(exc)
         good = newest_good_checkpoint(path.parent, skip=path)
         hint = f"; newest loadable checkpoint here: {good}" if good else "; no loadable checkpoint beside it"
         raise UserError(f"{path}: not a loadable mtkit checkpoint ({reason}){hint}") from None
+
+
+def _why_unloadable(exc: Exception) -> str:
+    """The reason in a few words; for a refused pickle, what it wanted to run (never torch's advice
+    to load it unsafely)."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        wanted = re.search(r"unsupported GLOBAL (\S+)", text)
+        what = f" ({wanted.group(1)})" if wanted else ""
+        return (f"it holds Python objects{what} that loading would run as code; refused by the weights-only "
+                "loader, and it never ran")
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def newest_good_checkpoint(directory: Path, skip: Path | None = None) -> Path | None:
@@ -165,8 +178,12 @@ def average_checkpoints(paths: list[Path]) -> dict:
     states = [load_checkpoint(p) for p in paths]
     first = states[0]
     for p, s in zip(paths[1:], states[1:]):
-        if s["model"].keys() != first["model"].keys():
-            raise UserError(f"{p}: weights do not match {paths[0]} (different architectures?)")
+        shapes = {k: tuple(v.shape) for k, v in s["model"].items()}
+        if shapes != {k: tuple(v.shape) for k, v in first["model"].items()}:
+            raise UserError(f"{p}: its weights do not have the names and shapes of {paths[0]}'s "
+                            "(checkpoints of different models cannot be averaged)")
+        if s["vocab"] != first["vocab"]:
+            raise UserError(f"{p}: its vocabulary is not that of {paths[0]} (checkpoints of different runs)")
     model = {}
     for key, value in first["model"].items():
         if value.is_floating_point():

@@ -43,6 +43,12 @@ def _errors_to_exit(func):
         except BrokenPipeError:  # downstream closed the pipe (e.g. `| head`): stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(141) from None
+        except OSError as exc:  # the machine said no (full disk, read-only, permissions): one line
+            from mtkit.io import cause
+
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"mtkit: error: {where}{cause(exc)}", err=True)
+            raise typer.Exit(2) from None
     return wrapper
 
 
@@ -65,7 +71,7 @@ def main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warning
                                                help="Print the versions of mtkit, torch (with its CUDA or CPU "
                                                     "build), sentencepiece and sacrebleu, and exit.")] = False):
     """Set up logging to stderr."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr, force=True,
                         format="mtkit: %(message)s")
 
 
@@ -112,7 +118,7 @@ def _load_translator(model: Path | None, beam: int | None, alpha: float | None, 
 
 
 BeamOpt = Annotated[Optional[int], typer.Option("--beam", "-b", min=1, help="Beam size (default: the model's decode.beam_size).")]
-AlphaOpt = Annotated[Optional[float], typer.Option("--length-penalty", "-a", help="Length penalty alpha (default: decode.length_penalty).")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--length-penalty", "-a", min=0.0, max=10.0, help="Length penalty alpha (default: decode.length_penalty).")]
 GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy search (beam size 1).")]
 MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Token budget per batch (default: decode.max_tokens).")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]", help="Where to run: auto is CUDA when available, else CPU.")]

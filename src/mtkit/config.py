@@ -193,6 +193,22 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: 1e9 and 1e-9 are floats (YAML 1.1 reads them as strings
+    unless written 1.0e+9)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text with the loader above (safe: plain data only)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
@@ -215,21 +231,21 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if len(inner) == 1:
             return _coerce(value, inner[0], key, problems)
         names = " or ".join(_type_name(a) for a in inner)
-        problems.append(f"{key}: expected {names}, got {value!r}")
+        problems.append(f"{key}: expected {names}, got {_short(value)}")
         return value
     if origin is Literal:
         if value in args:
             return value
-        problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        problems.append(f"{key}: {_short(value)} is not one of {', '.join(map(str, args))}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
+            problems.append(f"{key}: expected a mapping, got {_short(value)}")
             return value
         return {str(k): _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            problems.append(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            problems.append(f"{key}: expected a list of {len(args)} values, got {_short(value)}")
             return value
         return tuple(_coerce(v, a, f"{key}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -237,8 +253,20 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        problems.append(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
+    elif tp is int and abs(value) > MAX_INT:
+        problems.append(f"{key}: {_short(value)} is out of range (at most {MAX_INT:,})")
     return value
+
+
+MAX_INT = 2**31 - 1
+"""No count, size or seed in a run comes near this; larger values would overflow C ints later."""
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut short: building the message stays cheap whatever it is."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
@@ -283,9 +311,28 @@ def _check(cfg: RunConfig) -> list[str]:
                        ("decode.max_tokens", cfg.decode.max_tokens),
                        ("tokenizer.vocab_size", cfg.tokenizer.vocab_size), ("data.num_proc", d.num_proc),
                        ("data.shard_size", d.shard_size), ("train.pool_size", t.pool_size),
-                       ("tokenizer.input_sentence_size", cfg.tokenizer.input_sentence_size)]:
+                       ("tokenizer.input_sentence_size", cfg.tokenizer.input_sentence_size),
+                       ("train.valid_bleu_sentences", t.valid_bleu_sentences), ("train.patience", t.patience),
+                       ("train.max_epochs", t.max_epochs), ("model.max_positions", m.max_positions)]:
         if isinstance(value, int) and value < 1:
             problems.append(f"{key} must be >= 1, got {value}")
+    for key, value in [("decode.max_len_offset", cfg.decode.max_len_offset), ("tokenizer.seed", cfg.tokenizer.seed),
+                       ("train.seed", t.seed)]:
+        if isinstance(value, int) and value < 0:
+            problems.append(f"{key} must be >= 0, got {value}")
+    for key, value in [("data.max_length_ratio", d.max_length_ratio), ("train.lr_factor", t.lr_factor),
+                       ("train.clip_norm", t.clip_norm), ("tokenizer.character_coverage", cfg.tokenizer.character_coverage)]:
+        if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+            problems.append(f"{key} must be a positive number, got {value}")
+    if isinstance(cfg.tokenizer.character_coverage, float) and cfg.tokenizer.character_coverage > 1:
+        problems.append(f"tokenizer.character_coverage must be at most 1, got {cfg.tokenizer.character_coverage}")
+    for key, value in [("train.adam_eps", t.adam_eps), ("train.weight_decay", t.weight_decay)]:
+        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+            problems.append(f"{key} must be a number >= 0, got {value}")
+    if isinstance(t.adam_betas, tuple) and not all(isinstance(b, float) and 0 <= b < 1 for b in t.adam_betas):
+        problems.append(f"train.adam_betas must be two numbers in [0, 1), got {list(t.adam_betas)}")
+    if isinstance(cfg.decode.length_penalty, float) and not 0.0 <= cfg.decode.length_penalty <= 10.0:
+        problems.append(f"decode.length_penalty must be in [0, 10], got {_short(cfg.decode.length_penalty)}")
     for key, value in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),
                        ("train.label_smoothing", t.label_smoothing)]:
         if isinstance(value, float) and not 0.0 <= value < 1.0:
@@ -317,10 +364,10 @@ def parse_duration(value: float | str) -> float:
             text += "s"
         parts = re.fullmatch(r"((\d+(\.\d*)?|\.\d+)[smhd])+", text)
         if parts is None:
-            raise ValueError(f"{value!r} is not a duration (seconds, or e.g. 90s, 15m, 2h, 1h30m)")
+            raise ValueError(f"{_short(value)} is not a duration (seconds, or e.g. 90s, 15m, 2h, 1h30m)")
         seconds = sum(float(n) * _UNITS[u] for n, _, u in re.findall(r"(\d+(\.\d*)?|\.\d+)([smhd])", text))
     if not seconds > 0 or math.isinf(seconds):
-        raise ValueError(f"{value!r} must be a positive, finite duration")
+        raise ValueError(f"{_short(value)} must be a positive, finite duration")
     return seconds
 
 
@@ -330,7 +377,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. model.n_layers=3")
     key, _, text = item.partition("=")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     return key.strip().split("."), value
@@ -367,7 +414,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read config ({exc})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = read_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -387,5 +434,7 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML, whole or not at all."""
+    from mtkit.io import write_text
+
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

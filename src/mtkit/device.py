@@ -101,8 +101,8 @@ def choose_precision(requested: str, device: torch.device, key: str = "train.pre
         if requested == "fp16":
             raise UserError(f"{key}: fp16 is for CUDA GPUs; on {hardware} use auto or fp32")
         if requested == "bf16" and not native:
-            log.warning("%s bf16: %s emulates bf16 in software; expect training several times (up to "
-                        "20x) slower than fp32, which auto picks here", key, hardware)
+            log.warning("%s bf16: %s emulates bf16 in software; expect training many times slower than "
+                        "in fp32, which auto picks here", key, hardware)
             return Precision("bf16", f"requested, emulated on {hardware}")
         return Precision(requested, "requested")
     if requested == "auto":

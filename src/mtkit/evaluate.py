@@ -34,6 +34,8 @@ def check_counts(hyps: list[str], refs: list[list[str]], names: Names | None = N
         if len(ref) != len(hyps):
             raise UserError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(ref)}: "
                             "counts must match before scoring")
+    if not hyps:
+        raise UserError(f"{hyp_name} and {', '.join(ref_names)} have no lines: nothing to score")
 
 
 def score(hyps: list[str], refs: list[list[str]], names: Names | None = None,

@@ -42,6 +42,7 @@ from mtkit.data.corpus import (
 from mtkit.data.shards import FORMAT, MANIFEST, ShardWriter, id_dtype
 from mtkit.data.vocab import Vocab, sample_pairs, sample_size, train_vocab
 from mtkit.errors import UserError
+from mtkit.io import cause, exclusive, umask
 
 log = logging.getLogger("mtkit")
 
@@ -263,27 +264,83 @@ def _write_manifest(cfg: RunConfig, vocab: Vocab, splits: dict, tmp: Path) -> No
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
-def prepare(cfg: RunConfig, force: bool = False) -> Path:
-    """Run the whole preparation; returns the prepared directory."""
-    out = Path(cfg.data.prepared_dir)
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists; pass --force to overwrite it")
-    start = time.time()
-    vocab, train_pairs = _train_vocab(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def _check_replaceable(out: Path, force: bool) -> None:
+    """`--force` replaces only what `prepare` made: a directory with its manifest, or an empty one."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise UserError(f"{out}: already exists; pass --force to replace it")
+    if not out.is_dir() or out.is_symlink():
+        raise UserError(f"{out}: not a directory; --force replaces only a prepared directory")
+    if (out / MANIFEST).is_file() or not any(out.iterdir()):
+        return
+    raise UserError(f"{out}: not a prepared directory (no {MANIFEST}) and not empty; --force replaces only "
+                    "what mtkit prepare made: choose another data.prepared_dir")
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary directories of a prepare that was killed (this process holds the lock, so no
+    prepare is writing them); an old copy left by a swap cut short is put back if `out` is gone."""
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists():
+            os.replace(old, out)
+            log.warning("restored %s from %s, left by an interrupted prepare", out, old.name)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted prepare", tmp)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished directory in place of the old one: the old one is moved aside first and
+    removed only once the new one is in place (and moved back if that fails)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
     try:
-        procs = _num_proc(cfg, train_pairs)
-        log.info("encoding with %d process%s", procs, "es" if procs > 1 else "")
-        with _encoder(vocab, procs) as encode:
-            splits = {name: _write_split(encode, cfg, vocab, name, tmp) for name in cfg.data.splits}
-        _write_manifest(cfg, vocab, splits, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a prepared directory is ordinary output
         os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(old, out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(cfg: RunConfig, force: bool = False) -> Path:
+    """Run the whole preparation; returns the prepared directory, replaced whole or not at all.
+
+    One prepare at a time per directory (an OS lock beside it); `force` replaces only a directory
+    that prepare made.
+    """
+    out = Path(cfg.data.prepared_dir)
+    _check_replaceable(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out.parent}: cannot create ({cause(exc)})") from None
+    with exclusive(out.parent / f".{out.name}.lock", str(out), remove=True):
+        _remove_leftovers(out)
+        _check_replaceable(out, force)  # again: another process may have written it meanwhile
+        start = time.time()
+        vocab, train_pairs = _train_vocab(cfg)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        except OSError as exc:
+            raise UserError(f"{out.parent}: cannot write ({cause(exc)})") from None
+        try:
+            procs = _num_proc(cfg, train_pairs)
+            log.info("encoding with %d process%s", procs, "es" if procs > 1 else "")
+            with _encoder(vocab, procs) as encode:
+                splits = {name: _write_split(encode, cfg, vocab, name, tmp) for name in cfg.data.splits}
+            _write_manifest(cfg, vocab, splits, tmp)
+            tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; a prepared directory is ordinary output
+            _swap_in(tmp, out)
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write the prepared data ({cause(exc)}); "
+                            "the previous one, if any, is untouched") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s in %.1f s", out, time.time() - start)
     return out

@@ -13,8 +13,9 @@ import math
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from collections.abc import Iterator
+from contextlib import nullcontext
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from itertools import tee
 from pathlib import Path
@@ -30,22 +31,25 @@ from mtkit.config import RunConfig, config_to_dict, parse_duration, save_config
 from mtkit.curves import plot_curves
 from mtkit.data.batching import collate, rank_batches, step_groups, token_batches
 from mtkit.data.shards import PreparedData, TokenArray
+from mtkit.data.vocab import Vocab
 from mtkit.device import Precision, choose_precision, describe, versions
 from mtkit.engine import (ComputeContext, Dist, init_distributed, label_smoothed_loss, make_optimizer,
                           probe_max_tokens, train_step, wrap_model)
 from mtkit.errors import UserError
 from mtkit.evaluate import score
+from mtkit.io import exclusive, write_text
 from mtkit.model import PAD, Transformer, count_parameters
 from mtkit.translate import Translator
 
 log = logging.getLogger("mtkit")
 
 # Keys that may change between a run and its resumption without changing what is trained.
-RESUMABLE_CHANGES = ("train.max_steps", "train.max_epochs", "train.max_time", "train.valid_every", "train.log_every",
-                     "train.keep_last", "train.patience", "train.device", "train.threads",
+RESUMABLE_CHANGES = ("train.run_dir", "train.max_steps", "train.max_epochs", "train.max_time", "train.valid_every",
+                     "train.log_every", "train.keep_last", "train.patience", "train.device", "train.threads",
                      "train.valid_bleu_sentences", "train.compile", "decode.", "data.num_proc", "data.shard_size")
 MAX_BAD_STEPS = 10
 STARTS = "starts.jsonl"  # one line per invocation: versions, hardware, precision
+LOCK = ".lock"  # held by the training process (its pid inside) while it runs
 
 
 def learning_rate(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
@@ -198,13 +202,23 @@ def _setup_run_dir(cfg: RunConfig, resume: bool, force: bool) -> Path:
     return run_dir
 
 
+def _same_vocabulary(path: Path, ckpt: dict, vocab: Vocab, prepared_dir: str) -> None:
+    """Refuse (whatever --force says) to go on with data whose token ids mean other pieces."""
+    theirs = Vocab.from_state(ckpt["vocab"]).fingerprint
+    if theirs != vocab.fingerprint:
+        raise UserError(f"{path}: its vocabulary (fingerprint {theirs}) is not that of {prepared_dir} "
+                        f"({vocab.fingerprint}): the data was prepared again with another SentencePiece model, "
+                        "so every token id would mean another piece; start a new run (another train.run_dir)")
+
+
 def _restore(model, optimizer, autocast: ComputeContext, cfg: RunConfig, run_dir: Path, force: bool,
-             main: bool) -> TrainState:
+             main: bool, vocab: Vocab) -> TrainState:
     """Load the newest step checkpoint of `run_dir` into model and optimizer."""
     steps = step_checkpoints(run_dir / "checkpoints")
     if not steps:
         raise UserError(f"{run_dir}: nothing to resume (no checkpoints/step_*.pt)")
     ckpt = load_checkpoint(steps[-1])
+    _same_vocabulary(steps[-1], ckpt, vocab, cfg.data.prepared_dir)
     changed = _config_changes(ckpt["config"], config_to_dict(cfg))
     if changed and not force:
         raise UserError(f"{steps[-1]}: config differs from the run being resumed in {', '.join(changed)}; "
@@ -224,9 +238,44 @@ def _restore(model, optimizer, autocast: ComputeContext, cfg: RunConfig, run_dir
     log_path = run_dir / "log.jsonl"
     if main and log_path.exists():  # forget what was logged after the checkpoint: those steps run again
         kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= state.step]
-        log_path.write_text("".join(f"{line}\n" for line in kept))
+        write_text(log_path, "".join(f"{line}\n" for line in kept))
+    if main:
+        _repair_best(run_dir / "checkpoints", state)
     log.info("resumed from %s at step %d (epoch %d)", steps[-1], state.step, state.epoch + 1)
     return state
+
+
+def _best_step(history: list[dict]) -> int | None:
+    """The step whose validation earned best.pt: the first of the highest BLEU."""
+    best = None
+    for record in history:
+        if best is None or record["valid_bleu"] > best["valid_bleu"]:
+            best = record
+    return None if best is None else best["step"]
+
+
+def _repair_best(ckpt_dir: Path, state: TrainState) -> None:
+    """best.pt from the run's own record: a run killed while writing it (after the step checkpoint
+    that earned it) would otherwise keep an older, worse model under that name for good."""
+    step = _best_step(state.history)
+    if step is None:
+        return
+    best = ckpt_dir / BEST
+    try:
+        current = load_checkpoint(best)["step"] if best.is_file() else None
+    except UserError:
+        current = None
+    if current == step:
+        return
+    source = ckpt_dir / f"step_{step:08d}.pt"
+    if not source.is_file():
+        log.warning("%s is not the model of step %d, the best validation, and that checkpoint is gone", best, step)
+        return
+    ckpt = load_checkpoint(source)
+    ckpt.pop("train_state", None)
+    save_checkpoint(ckpt, best)
+    log.warning("rewrote %s from %s, the best validation (it was %s)", best, source.name,
+                "missing" if current is None else f"step {current}")
 
 
 def _logged_step(line: str) -> float:
@@ -252,17 +301,46 @@ def _broadcast(value, ranks: Dist):
 
 
 def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
-    """Train until max_steps, max_epochs, max_time or early stopping; returns the run directory."""
+    """Train until max_steps, max_epochs, max_time or early stopping; returns the run directory.
+
+    Rank 0 holds the run directory's lock throughout: a second `mtkit train` on it is refused.
+    """
     clock = Clock()  # train.max_time counts from here: loading and validation are part of the budget
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     data = PreparedData(cfg.data.prepared_dir)
+    _check_data(cfg, data)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: cuda requested but no CUDA device is available")
     ranks, device = init_distributed(t.device)
     if not ranks.main:
         log.setLevel(logging.WARNING)
+    run_dir = Path(t.run_dir)
+    try:
+        with exclusive(run_dir / LOCK, str(run_dir)) if ranks.main else nullcontext():
+            _train(cfg, data, ranks, device, clock, resume, force)
+    finally:
+        if ranks.world > 1:
+            dist.destroy_process_group()
+    return run_dir
+
+
+def _check_data(cfg: RunConfig, data: PreparedData) -> None:
+    """What the run will need of the prepared data, checked before any work."""
+    src, _ = data.split("valid")
+    if len(src) == 0:
+        raise UserError(f"{data.dir}: the validation split is empty (data.splits.valid); validation needs sentences")
+    longest = max(a.longest for split in ("train", "valid") for a in data.split(split)) + 1  # + EOS / BOS
+    if longest > cfg.model.max_positions:
+        raise UserError(f"model.max_positions ({cfg.model.max_positions}) is shorter than the longest sentence in "
+                        f"{data.dir} ({longest} positions); raise it, or lower data.max_tokens_per_sentence and "
+                        "prepare again")
+
+
+def _train(cfg: RunConfig, data: PreparedData, ranks: Dist, device: torch.device, clock: Clock, resume: bool,
+           force: bool) -> None:
+    t = cfg.train
     precision = choose_precision(t.precision, device)
     log.info("precision %s (%s)", precision.name, precision.reason)
     autocast = ComputeContext(device, precision)
@@ -273,7 +351,7 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model, data.vocab.src_size, data.vocab.tgt_size).to(device)
     optimizer = make_optimizer(model, t)
-    state = (_restore(model, optimizer, autocast, cfg, run_dir, force, ranks.main) if resume
+    state = (_restore(model, optimizer, autocast, cfg, run_dir, force, ranks.main, data.vocab) if resume
              else TrainState())
     clock.before = state.elapsed
     if state.max_tokens is None:  # resolved once per run, so resume rebuilds the same batches
@@ -291,12 +369,7 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
     run = Run(cfg, model, wrap_model(model, t, device, ranks), optimizer,
               Translator(model, data.vocab, cfg.decode, device, precision=precision), data, run_dir, autocast,
               ranks, device, clock)
-    try:
-        _loop(run, state)
-    finally:
-        if ranks.world > 1:
-            dist.destroy_process_group()
-    return run_dir
+    _loop(run, state)
 
 
 def _record_start(run_dir: Path, device: torch.device, precision: Precision, resume: bool, state: TrainState,
@@ -506,18 +579,18 @@ def _validate_and_save(run: Run, state: TrainState, progress: _Progress, log_fil
 
 
 def _validate_and_save_main(run: Run, state: TrainState, progress: _Progress, log_file) -> str | None:
+    ckpt_dir = run.run_dir / "checkpoints"
+    bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # before validation, which cannot decode with them; no checkpoint of them is written
+        kept = step_checkpoints(ckpt_dir)
+        raise UserError(f"training diverged: non-finite weights in {', '.join(bad[:3])} at step {state.step}, "
+                        f"not saved (newest checkpoint: {kept[-1] if kept else 'none'}); lower train.lr_factor")
     metrics = validate(run.model, run.translator, run.data, run.cfg, run.autocast, state.max_tokens)
     record = {"step": state.step, "epoch": state.epoch + 1, **metrics, **run.clock.stamp()}
     state.history.append(record)
     _write(log_file, record)
     progress.say(f"step {state.step}: valid loss {metrics['valid_loss']:.3f}, "
                  f"ppl {metrics['valid_ppl']:.2f}, BLEU {metrics['valid_bleu']:.2f}")
-    ckpt_dir = run.run_dir / "checkpoints"
-    bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:  # never write a checkpoint that cannot translate; the previous ones stay
-        kept = step_checkpoints(ckpt_dir)
-        raise UserError(f"training diverged: non-finite weights in {', '.join(bad[:3])} at step {state.step}, "
-                        f"not saved (newest checkpoint: {kept[-1] if kept else 'none'}); lower train.lr_factor")
     improved = state.best_bleu is None or metrics["valid_bleu"] > state.best_bleu
     if improved:
         state.best_bleu, state.bad_validations = metrics["valid_bleu"], 0

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -170,9 +171,17 @@ class Translator:
         ckpt = resolve_model(path)
         state = load_checkpoint(ckpt)
         cfg = config_from_dict(state["config"], str(ckpt))
-        vocab = Vocab.from_state(state["vocab"])
+        try:
+            vocab = Vocab.from_state(state["vocab"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{ckpt}: its vocabulary cannot be loaded ({exc})") from None
         model = Transformer(cfg.model, vocab.src_size, vocab.tgt_size)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()
+            raise UserError(f"{ckpt}: its weights do not fit the model its config describes "
+                            f"({(first[-1] if first else type(exc).__name__).strip()[:160]})") from None
         dev = pick_device(device)
         if quantize == "int8" and dev.type != "cpu":
             raise UserError("--quantize int8 is for CPU decoding; on CUDA mtkit decodes in bf16 or fp16")
@@ -227,14 +236,25 @@ class Translator:
             yield from self._pool.map(_search_forked, [(sources, nbest) for sources in batches])
         except BrokenProcessPool:  # a worker died (killed, out of memory): the next call starts afresh
             self.close()
-            raise
+            raise UserError(f"a decoding worker process died (killed, or out of memory) with {self.workers} "
+                            "--workers; nothing after the lines already written was translated") from None
 
     def close(self) -> None:
-        """Stop the worker processes, if any were started."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-            atexit.unregister(self.close)
+        """Stop the worker processes, if any were started, whatever state they are in: those that
+        do not end on the pool's request within seconds (one killed while holding the task queue's
+        lock leaves the others waiting on it for ever) are terminated."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        atexit.unregister(self.close)
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # the pool's own handles
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + 3.0
+        for process in processes:
+            process.join(max(deadline - time.monotonic(), 0.0))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
 
     def run(self, lines: list[str], nbest: int = 1) -> list[Translation]:
         """Translate a list of lines (sorted by length into token-budget batches), in input order."""

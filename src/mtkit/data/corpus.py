@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice, zip_longest
@@ -23,6 +24,7 @@ import numpy as np
 
 from mtkit.config import DataConfig
 from mtkit.errors import UserError
+from mtkit.io import cause
 
 log = logging.getLogger("mtkit")
 
@@ -40,8 +42,8 @@ def read_lines(path: str | Path, errors: Literal["strict", "replace"] = "strict"
             data = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except (OSError, EOFError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"{path}: cannot read ({cause(exc)})") from None
     return decode_lines(data, str(path), errors)
 
 
@@ -62,8 +64,8 @@ def open_binary(path: str | Path) -> BinaryIO:
         stream.peek(1)  # a directory or unreadable file fails here, not half-way
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except (OSError, EOFError) as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"{path}: cannot read ({cause(exc)})") from None
     return stream
 
 
@@ -92,7 +94,7 @@ def iter_lines(stream: BinaryIO, name: str, errors: Literal["strict", "replace"]
     Invalid UTF-8 is an error naming the line; with errors="replace" it becomes U+FFFD and a
     warning names how many lines and the first.
     """
-    replaced = []
+    replaced, number = [], 0
     try:
         for number, raw in enumerate(stream, 1):  # binary iteration splits on b"\n" only
             try:
@@ -103,6 +105,8 @@ def iter_lines(stream: BinaryIO, name: str, errors: Literal["strict", "replace"]
                 replaced.append(number)
                 text = raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", errors="replace")
             yield text
+    except (OSError, EOFError, zlib.error) as exc:  # a corrupt or truncated .gz, a failing disk
+        raise UserError(f"{name}: cannot read past line {number} ({cause(exc)})") from None
     finally:
         if replaced:
             log.warning("%s: invalid UTF-8 replaced by U+FFFD in %d line(s), first line %d",
@@ -183,8 +187,8 @@ def _raw_lines(stream: BinaryIO, path: Path) -> Iterator[bytes]:
     """Undecoded lines (binary iteration splits on b"\\n" only); a read error mid-file names the file."""
     try:
         yield from stream
-    except (OSError, EOFError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
+    except (OSError, EOFError, zlib.error) as exc:  # a corrupt or truncated .gz, a failing disk
+        raise UserError(f"{path}: cannot read ({cause(exc)})") from None
 
 
 def _text_paths(cfg: DataConfig, split: str) -> tuple[Path, Path]:

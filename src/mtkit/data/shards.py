@@ -133,14 +133,21 @@ class PreparedData:
         path = self.dir / MANIFEST
         if not path.is_file():
             raise UserError(f"{self.dir}: no prepared data here ({MANIFEST} missing); run `mtkit prepare` first")
-        self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not a readable manifest ({exc}); run `mtkit prepare --force` again") from None
         if self.manifest.get("format", 1) != FORMAT:
             raise UserError(f"{self.dir}: prepared in layout {self.manifest.get('format', 1)} by mtkit "
                             f"{self.manifest.get('mtkit_version', '?')}; this mtkit reads layout {FORMAT}: "
                             "run `mtkit prepare --force` again")
         src_model = (self.dir / self.manifest["vocab"]["src_model"]).read_bytes()
         tgt_name = self.manifest["vocab"].get("tgt_model")
-        self.vocab = Vocab(src_model, (self.dir / tgt_name).read_bytes() if tgt_name else None)
+        try:
+            self.vocab = Vocab(src_model, (self.dir / tgt_name).read_bytes() if tgt_name else None)
+        except ValueError as exc:
+            raise UserError(f"{self.dir}: its SentencePiece model cannot be loaded ({exc}); "
+                            "run `mtkit prepare --force` again") from None
 
     def split(self, name: str) -> tuple[TokenArray, TokenArray]:
         """(source, target) token arrays of one split."""

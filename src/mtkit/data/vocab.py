@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Iterable
@@ -73,8 +74,12 @@ def train_vocab(src: list[str], tgt: list[str], cfg: TokenizerConfig) -> Vocab:
 
 
 def load_processor(model: bytes) -> spm.SentencePieceProcessor:
-    """A SentencePiece processor from serialized model bytes."""
-    return spm.SentencePieceProcessor(model_proto=model)
+    """A SentencePiece processor from serialized model bytes; bytes that are no SentencePiece
+    model raise ValueError."""
+    try:
+        return spm.SentencePieceProcessor(model_proto=model)
+    except (RuntimeError, TypeError, OSError) as exc:
+        raise ValueError(f"not a SentencePiece model ({str(exc).strip()[:120]})") from None
 
 
 class Vocab:
@@ -111,6 +116,14 @@ class Vocab:
 
     def tgt_pieces_of(self, ids: list[int]) -> list[str]:
         return [self.tgt.id_to_piece(i) for i in ids]
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the SentencePiece model(s): equal fingerprints, equal token ids."""
+        digest = hashlib.sha256(self.src_model)
+        if not self.joint:
+            digest.update(b"\0" + self.tgt_model)
+        return digest.hexdigest()[:16]
 
     def to_state(self) -> dict:
         """Serializable form stored in the prepared directory's manifest and in checkpoints."""
