@@ -52,7 +52,7 @@ if [ "$left" -lt 60 ]; then
 fi
 echo "quickstart: training for at most ${left}s (budget ${BUDGET}s)" >&2
 mtkit train "$CONFIG" --set "data.dir=$DATA_DIR" --set "train.max_time=$left" --force
-mtkit average "$RUN" --last "${MTKIT_AVERAGE:-5}"
+mtkit average "$RUN" --last 5
 gzip -dc "$DATA_DIR/test_2016_flickr.de.gz" > "$RUN/test_2016_flickr.de"
 gzip -dc "$DATA_DIR/test_2016_flickr.en.gz" > "$RUN/test_2016_flickr.en"
 mtkit translate -m "$RUN" --input "$RUN/test_2016_flickr.de" --output "$RUN/test_2016_flickr.hyp.en"
