@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -98,7 +99,9 @@ def remove_stray_temps(directory: str | Path) -> list[Path]:
 
 def _read(path: Path) -> dict:
     """torch's weights-only unpickler: tensors and plain data load, any other object is refused."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch's warnings about odd bytes: the error below says it in one line
+        warnings.simplefilter("ignore")
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not {"model", "config", "vocab"} <= set(state):
         raise ValueError("not an mtkit checkpoint (missing model, config or vocab)")
     return state

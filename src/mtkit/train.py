@@ -536,7 +536,8 @@ def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
             if state.step >= t.max_steps:
                 stop = f"reached max_steps {t.max_steps}"
             elif _out_of_time(run, state, reserve):
-                stop = f"reached max_time {t.max_time} (this invocation; --resume continues)"
+                budget = t.max_time if isinstance(t.max_time, str) else f"{t.max_time:g}s"
+                stop = f"reached max_time {budget} (this invocation; --resume continues)"
             if state.step % t.valid_every == 0 or stop is not None:
                 began = time.monotonic()
                 stop, validated_at = _validate_and_save(run, state, progress, log_file) or stop, state.step
