@@ -92,7 +92,7 @@ def test_generated_configs_prepare_and_train_cleanly(work, overrides, monkeypatc
     monkeypatch.chdir(work)
     sets = [item for key, value in overrides for item in ("--set", f"{key}={yaml_value(value)}")]
     # Bounds that keep every example short, whatever was generated above (the last --set wins).
-    bounds = ["--set", "train.max_steps=2", "--set", "train.max_time=20", "--set", "train.max_epochs=2"]
+    bounds = ["--set", "train.max_steps=2", "--set", "train.max_time=10", "--set", "train.max_epochs=2"]
     own = ("prepared", "run", ".prepared", "/")
     own += tuple(str(v) for k, v in overrides if k in ("data.prepared_dir", "train.run_dir") and isinstance(v, str)
                  and v not in ("", ".", "..", "/", "~", "{lang}") and not v.startswith((".", "/")))

@@ -330,6 +330,15 @@ def test_28_closing_a_pool_whose_workers_hang_returns_in_seconds(untrained, monk
     assert not worker.is_alive()
 
 
+def test_28_a_model_whose_scores_are_nan_still_gives_one_line_per_input(untrained):
+    translator = Translator.load(untrained, "cpu")
+    with torch.no_grad():
+        translator.model.tgt_embed.tokens.weight.fill_(float("nan"))
+    lines = ["the dog runs", "", "a red house on the street"]
+    assert translator.translate(lines) == ["", "", ""]
+    assert [len(n) for n in translator.translate_nbest(lines, 2)] == [1, 1, 1]
+
+
 # 29-32. Smaller promises.
 
 def test_29_a_moved_run_directory_resumes_without_force(work, trained, tmp_path):

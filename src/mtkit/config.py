@@ -265,7 +265,9 @@ MAX_INT = 2**31 - 1
 
 def _short(value: Any) -> str:
     """A value for an error message, cut short: building the message stays cheap whatever it is."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, int) and abs(value) >= 10**30:  # repr of a huge int is slow, or refused
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

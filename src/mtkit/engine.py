@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -107,8 +106,7 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: flo
 
     Returns (smoothed loss sum, negative log-likelihood sum, the latter without gradient).
     """
-    loss, nll = _SmoothedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), target.reshape(-1), epsilon)
-    return loss, nll
+    return _SmoothedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), target.reshape(-1), epsilon)
 
 
 def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:

@@ -181,4 +181,5 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
             alive = [alive[r] for r in keep]
         for layer in cache:  # each surviving hypothesis takes the cache rows it came from
             layer.reorder(src_rows)
-    return [sorted(h, key=lambda x: -x.score)[:nbest] for h in finished]
+    # A model whose scores are not numbers (NaN) ends no hypothesis: its sentences get an empty one.
+    return [sorted(h, key=lambda x: -x.score)[:nbest] or [Hypothesis([], float("-inf"))] for h in finished]

@@ -10,10 +10,8 @@ import atexit
 import ctypes
 import logging
 import multiprocessing
-import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -35,6 +33,7 @@ from mtkit.data.corpus import normalize
 from mtkit.data.vocab import Vocab
 from mtkit.device import Precision, decode_precision, pick_device
 from mtkit.errors import UserError
+from mtkit.io import atomic_file
 from mtkit.model import BOS, EOS, FeedForward, Transformer
 from mtkit.search import Hypothesis, beam_search, greedy_search
 
@@ -355,23 +354,13 @@ class Outputs:
 
 @contextmanager
 def _atomic_text(path: Path | None) -> Iterator[TextIO]:
-    """stdout as is; a file through a temporary sibling renamed at the end (whole or absent)."""
+    """stdout as is; a file written whole or not at all (`mtkit.io.atomic_file`)."""
     if path is None or str(path) == "-":
         yield sys.stdout
         sys.stdout.flush()
         return
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as f:
+        yield f
 
 
 def translate_to(translator: Translator, lines: Iterable[str], out: Outputs) -> int:
