@@ -242,7 +242,7 @@ def bench_train_start(args: argparse.Namespace, pairs: int, repeat: int) -> dict
 
 
 def checks(runs: list[dict], starts: list[dict]) -> dict:
-    """The issue's claims, as figures: memory flat in the corpus size, time at most linear."""
+    """What the benchmark checks, as figures: memory flat in the corpus size, time at most linear."""
     small, large = min(runs, key=lambda r: r["pairs"]), max(runs, key=lambda r: r["pairs"])
     out = {"size_ratio": large["pairs"] / small["pairs"],
            "peak_rss_ratio_largest_to_smallest": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),

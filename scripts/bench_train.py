@@ -1,5 +1,5 @@
 """Training-throughput benchmark: mtkit's training step against Hugging Face `transformers`
-(MarianMTModel of the same dimensions) on the same batches, in one invocation (GUIDE section 3).
+(MarianMTModel of the same dimensions) on the same batches, in one invocation.
 
     python scripts/bench_train.py [CONFIG] [--set KEY=VALUE ...] [--steps 20] [--warmup 3]
         [--repeats 3] [--max-tokens N] [--device auto|cpu|cuda] [--peak-tflops X]
@@ -40,7 +40,7 @@ from mtkit.train import learning_rate
 log = logging.getLogger("bench_train")
 
 DEFAULT_CONFIG = "configs/quickstart_cpu.yaml"
-H100_BF16_TFLOPS = {"measured_790": 790.0, "spec_989": 989.0}  # GUIDE section 3: dense bf16
+H100_BF16_TFLOPS = {"measured_790": 790.0, "spec_989": 989.0}  # dense bf16: measured on the machine, and the spec sheet
 H200_BF16_TFLOPS = {"spec_989": 989.0}  # same tensor cores as the H100; no measured peak here
 FLOPS_FORMULA = ("6 * (P_enc * sum(S) + (P_dec + V * d) * sum(T)) + 12 * d * sum(L_enc * S^2 + L_dec * (T^2 + S * T)); "
                  "P_enc = L(4d^2 + 2 d d_ff), P_dec = L(8d^2 + 2 d d_ff); S, T real lengths incl. EOS/BOS")

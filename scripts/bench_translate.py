@@ -1,5 +1,5 @@
 """Translation-throughput benchmark: mtkit's Translator against CTranslate2 running the same weights
-(exported with mtkit.export), on the same file, in one invocation (GUIDE section 3); also against
+(exported with mtkit.export), on the same file, in one invocation; also against
 Hugging Face transformers' `generate` on the same weights (scripts/hf_peer.py) when it is installed.
 
     python scripts/bench_translate.py [-m runs/quickstart] [--src FILE] [--ref FILE] [--beam 4]

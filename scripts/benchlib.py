@@ -1,4 +1,4 @@
-"""What every `scripts/bench_*.py` reports about where it ran (GUIDE section 3)."""
+"""What every `scripts/bench_*.py` reports about where it ran."""
 
 from __future__ import annotations
 
