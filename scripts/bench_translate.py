@@ -41,6 +41,7 @@ from mtkit.data.vocab import Vocab
 from mtkit.errors import UserError
 from mtkit.evaluate import score
 from mtkit.export import ct2_translate, export_ctranslate2, load_ct2
+from mtkit.inference.cpu import tune_process
 from mtkit.translate import Translator
 
 log = logging.getLogger("bench_translate")
@@ -68,9 +69,11 @@ NOTES = [
 ]
 
 
-SYSTEMS = ("mtkit fp32", "mtkit int8", "ct2 float32", "ct2 int8", "mtkit fp32 inter", "ct2 float32 inter")
+SYSTEMS = ("mtkit fp32", "mtkit int8", "ct2 float32", "ct2 int8", "mtkit fp32 inter", "ct2 float32 inter",
+           "mtkit fp32 bound")
 """'inter': one batch per thread at once, one thread each (mtkit workers = CTranslate2 inter_threads
-= the thread count); the others: one batch at a time on all threads."""
+= the thread count); the others: one batch at a time on all threads. 'bound': beam search with
+decode.stopping "bound" (the paper's early termination) instead of "finished" (fairseq's)."""
 
 
 @dataclass
@@ -134,10 +137,15 @@ def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: 
     inter = threads if name.endswith(" inter") else 1
     if name.startswith("mtkit"):
         quantize = "int8" if "int8" in name else None
+        stopping = "bound" if name.endswith(" bound") else "finished"
         translator = Translator.load(model, device, quantize=quantize, workers=inter, beam_size=settings["beam_size"],
-                                     length_penalty=settings["length_penalty"], max_tokens=settings["max_tokens"])
+                                     length_penalty=settings["length_penalty"], max_tokens=settings["max_tokens"],
+                                     stopping=stopping)
+        if translator.device.type == "cpu":
+            tune_process()  # as `mtkit translate` does
         return System(name, translator.translate, {**settings, "quantize": quantize, "workers": inter,
-                                                   "threads_per_worker": threads if inter == 1 else 1})
+                                                   "threads_per_worker": threads if inter == 1 else 1,
+                                                   "stopping": stopping})
     compute_type = name.split()[1]
     ct2 = load_ct2(ct2_dir, device, compute_type, threads=threads // inter, inter_threads=inter)
     run = partial(ct2_translate, ct2, beam_size=settings["beam_size"], length_penalty=settings["length_penalty"],

@@ -27,7 +27,8 @@ from mtkit.config import DecodeConfig, ModelConfig, config_from_dict
 from mtkit.data.batching import pad, token_batches
 from mtkit.data.corpus import normalize
 from mtkit.data.vocab import Vocab
-from mtkit.model import BOS, EOS, PAD, sinusoids
+from mtkit.data.vocab import BOS, EOS, PAD
+from mtkit.model import sinusoids
 
 INSTALL = 'pip install "mtkit[bench]"'
 DIFFERENCES = [

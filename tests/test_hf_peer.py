@@ -9,7 +9,8 @@ import torch
 from conftest import ROOT, tiny_model_config, untrained_checkpoint
 
 from mtkit.data.batching import pad
-from mtkit.model import BOS, EOS, PAD, Transformer
+from mtkit.data.vocab import BOS, EOS, PAD
+from mtkit.model import Transformer
 from mtkit.search import greedy_search
 
 pytest.importorskip("transformers")

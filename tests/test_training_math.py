@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtkit.data.batching import collate, token_batches
-from mtkit.model import BOS, EOS, PAD
+from mtkit.data.vocab import BOS, EOS, PAD
 from mtkit.engine import label_smoothed_loss
 from mtkit.train import learning_rate
 

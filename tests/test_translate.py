@@ -136,7 +136,7 @@ def test_pharaoh_format():
 
 
 def test_a_line_translated_in_pieces_gets_an_empty_alignment_line(checkpoint, tmp_path):
-    from mtkit.translate import Outputs, translate_to
+    from mtkit.outputs import Outputs, translate_to
 
     translator = Translator.load(checkpoint, "cpu")
     long_line = ", ".join(["the small dog runs in the red house on the street"] * 12)

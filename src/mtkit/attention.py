@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from mtkit.io import atomic_file
+
 
 def hard_alignment(weights: torch.Tensor) -> list[tuple[int, int]]:
     """(source, target) pairs: each target subword to the source subword it attends to most.
@@ -35,16 +37,17 @@ def save_heatmap(weights: torch.Tensor, src_pieces: list[str], tgt_pieces: list[
     src_labels, tgt_labels = [*src_pieces, "</s>"], [*tgt_pieces, "</s>"]
     width, height = 2 + 0.35 * len(src_labels), 1.5 + 0.3 * len(tgt_labels)
     fig, ax = plt.subplots(figsize=(min(width, 40), min(height, 40)))
-    image = ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(src_labels)), src_labels, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(tgt_labels)), tgt_labels, fontsize=8)
-    ax.set_xlabel("source")
-    ax.set_ylabel("output")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        image = ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(src_labels)), src_labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(tgt_labels)), tgt_labels, fontsize=8)
+        ax.set_xlabel("source")
+        ax.set_ylabel("output")
+        if title:
+            ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+        fig.tight_layout()
+        with atomic_file(path, "wb") as f:  # the picture whole or the previous one, never half of it
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)

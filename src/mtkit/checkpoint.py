@@ -7,55 +7,34 @@ resumable checkpoints `train_state` (optimizer, schedule, RNG, data position).
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from mtkit.errors import UserError
-from mtkit.io import cause, file_mode
+from mtkit.io import TMP_SUFFIX, atomic_file
 
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 BEST, AVERAGED = "best.pt", "averaged.pt"
-TMP_SUFFIX = ".tmp"
+SAVE_FAILED = "cannot write checkpoint ({cause}); the checkpoints already on disk are untouched"
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` atomically: a temporary file in the same directory, fsync, rename.
+    """Write `state` to `path` atomically (`mtkit.io.atomic_file`: temporary sibling, fsync, rename).
 
     A failed write (disk full, file-size limit, killed) leaves `path` as it was; the temporary
     file is removed, or, after SIGKILL, by `remove_stray_temps` at the next start.
     """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            writer = _Writer(f)
-            try:
-                torch.save(state, writer)
-            except RuntimeError:  # torch's zip writer reports a failed write as RuntimeError
-                if writer.error is None:
-                    raise
-                raise writer.error from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # as any file the user makes (mkstemp's are private)
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)
-    except OSError as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write checkpoint ({cause(exc)}); "
-                        "the checkpoints already on disk are untouched") from None
-    except BaseException:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb", message=SAVE_FAILED) as f:
+        writer = _Writer(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:  # torch's zip writer reports a failed write as RuntimeError
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 class _Writer:
@@ -73,20 +52,6 @@ class _Writer:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_stray_temps(directory: str | Path) -> list[Path]:

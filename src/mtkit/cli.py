@@ -108,13 +108,20 @@ def train(config: ConfigArg, set_: SetOpt = None,
 
 def _load_translator(model: Path | None, beam: int | None, alpha: float | None, greedy: bool,
                      max_tokens: int | None, device: str, quantize: str | None = None,
-                     early_exit: bool | None = None, workers: int = 1):
+                     early_exit: bool | None = None, workers: int = 1, stopping: str | None = None):
+    from mtkit.inference.cpu import tune_process
     from mtkit.translate import Translator
 
     if model is None:
         raise UserError("--model/-m is required: a checkpoint file or a run directory")
-    return Translator.load(model, device, quantize, workers, beam_size=1 if greedy else beam, length_penalty=alpha,
-                           max_tokens=max_tokens, early_exit=early_exit)
+    if stopping not in (None, "finished", "bound"):
+        raise UserError(f"--stopping {stopping!r}: expected finished or bound")
+    translator = Translator.load(model, device, quantize, workers, beam_size=1 if greedy else beam,
+                                 length_penalty=alpha, max_tokens=max_tokens, early_exit=early_exit,
+                                 stopping=stopping)
+    if translator.device.type == "cpu":
+        tune_process()  # process-wide allocator tuning: this process only decodes
+    return translator
 
 
 BeamOpt = Annotated[Optional[int], typer.Option("--beam", "-b", min=1, help="Beam size (default: the model's decode.beam_size).")]
@@ -133,6 +140,7 @@ def translate(model: ModelOpt = None,
               nbest: Annotated[int, typer.Option("--nbest", "-n", min=1, help="Print the N best: 'index ||| translation ||| score' lines.")] = 1,
               max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto",
               early_exit: Annotated[Optional[bool], typer.Option("--early-exit/--no-early-exit", help="End a sentence when a step's best candidate is EOS, as CTranslate2 does without length penalty (default: decode.early_exit).")] = None,
+              stopping: Annotated[Optional[str], typer.Option("--stopping", metavar="finished|bound", help="When a sentence's beam search ends: finished, once beam-size hypotheses ended (fairseq); bound, once no live hypothesis can beat the best ended ones (the paper's early termination) (default: decode.stopping).")] = None,
               quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Dynamic int8 quantisation of the linear layers (CPU).")] = None,
               workers: Annotated[int, typer.Option("--workers", min=1, help="CPU: decode this many batches at once, each in a forked process with one thread (CTranslate2's inter_threads): faster on several cores; in fp32 the same output.")] = 1,
               window: Annotated[int, typer.Option("--window", min=1, help="Lines read, sorted and translated at a time: output starts after the first window and memory stays bounded on an endless pipe (1 when stdin is a terminal: each line is answered as it is entered).")] = 1000,
@@ -150,7 +158,7 @@ def translate(model: ModelOpt = None,
     punctuation (else at the limit), translated in pieces and joined, with a warning.
     """
     from mtkit.data.corpus import stream_lines
-    from mtkit.translate import Outputs, translate_to
+    from mtkit.outputs import Outputs, translate_to
 
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors {errors!r}: expected strict or replace")
@@ -160,18 +168,16 @@ def translate(model: ModelOpt = None,
         window = 1  # a person typing: answer each line as it is entered (fairseq-interactive does)
         log.info("translating each line as it is entered; Ctrl-D ends")
     lines = stream_lines(input, errors)
-    translator = _load_translator(model, beam, length_penalty, greedy, max_tokens, device, quantize, early_exit,
-                                  workers)
-    if nbest > translator.decode.beam_size:
-        raise UserError(f"--nbest {nbest} exceeds the beam size {translator.decode.beam_size}")
-    if not -len(translator.model.decoder) <= layer < len(translator.model.decoder):
-        raise UserError(f"--layer {layer}: the model has {len(translator.model.decoder)} decoder layers")
-    if head is not None and head >= translator.model.cfg.n_heads:
-        raise UserError(f"--head {head}: the model has {translator.model.cfg.n_heads} heads")
-    try:
+    with _load_translator(model, beam, length_penalty, greedy, max_tokens, device, quantize, early_exit,
+                          workers, stopping) as translator:
+        if nbest > translator.decode.beam_size:
+            raise UserError(f"--nbest {nbest} exceeds the beam size {translator.decode.beam_size}")
+        n_layers = len(translator.model.decoder)
+        if not -n_layers <= layer < n_layers:
+            raise UserError(f"--layer {layer}: the model has {n_layers} decoder layers")
+        if head is not None and head >= translator.model.cfg.n_heads:
+            raise UserError(f"--head {head}: the model has {translator.model.cfg.n_heads} heads")
         translate_to(translator, lines, Outputs(output, nbest, window, attention, alignment, layer, head))
-    finally:
-        translator.close()
 
 
 @app.command()
@@ -207,7 +213,8 @@ def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", he
         sources = read_lines(src)
         if len(sources) != len(refs[0]):
             raise UserError(f"{src} has {len(sources)} lines but {ref[0]} has {len(refs[0])}: counts must match")
-        hyps, hyp_name = _load_translator(model, beam, length_penalty, greedy, max_tokens, device).translate(sources), f"translation of {src}"
+        with _load_translator(model, beam, length_penalty, greedy, max_tokens, device) as translator:
+            hyps, hyp_name = translator.translate(sources), f"translation of {src}"
     else:
         hyps, hyp_name = _read_input(hyp), str(hyp or "<stdin>")
     result = score(hyps, refs, names=(hyp_name, ref_names))

@@ -175,11 +175,16 @@ class DecodeConfig:
     """Output length limit = source length + this (section 6.1)."""
     max_tokens: int = 8000
     """Token budget per translation batch (source tokens x beam); larger batches decode faster per
-    sentence on CPU and GPU at the cost of memory (see README, Translation)."""
+    sentence on CPU and GPU at the cost of memory (see docs/performance.md)."""
+    stopping: Literal["finished", "bound"] = "finished"
+    """When a sentence's beam search ends. finished: once beam_size hypotheses have ended (fairseq,
+    and CTranslate2 with a length penalty). bound: once no live hypothesis can still beat the
+    nbest-th best ended one, its score bounded with the length penalty at the length limit (the
+    paper's "terminate early when possible", as in tensor2tensor): the best hypothesis the beam
+    can find, at the cost of more steps."""
     early_exit: bool = False
     """Also end a sentence when a step's best candidate is EOS (CTranslate2 does so only without a
-    length penalty): faster; off keeps searching until beam_size hypotheses have ended (fairseq,
-    and CTranslate2 with a length penalty)."""
+    length penalty): faster; off keeps searching as `stopping` says."""
 
 
 @dataclass
@@ -187,10 +192,15 @@ class RunConfig:
     """One run: everything `prepare`, `train` and `translate` need."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """The `data:` block: the corpus, its cleaning and the prepared directory."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The `tokenizer:` block: the SentencePiece model."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The `model:` block: the Transformer's dimensions."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The `train:` block: the training loop."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """The `decode:` block: search settings."""
 
 
 class _Loader(yaml.SafeLoader):

@@ -17,8 +17,6 @@ Decoding differences from mtkit's own search (search.py), by design of CTranslat
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,14 +27,15 @@ import torch
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import DecodeConfig, config_from_dict
 from mtkit.data.corpus import normalize
-from mtkit.data.vocab import Vocab, load_processor
+from mtkit.data.vocab import BOS, EOS, PAD, UNK, Vocab, load_processor
 from mtkit.errors import UserError
+from mtkit.io import atomic_dir
 from mtkit.model import sinusoids
 
 INSTALL = 'pip install "mtkit[ct2]"'
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
-# model.PAD, UNK, BOS, EOS under the names CTranslate2's config expects (PAD only for suppressing it).
-SPECIALS = {0: "<pad>", 1: "<unk>", 2: "<s>", 3: "</s>"}
+# The special ids under the names CTranslate2's config expects (PAD only for suppressing it).
+SPECIALS = {PAD: "<pad>", UNK: "<unk>", BOS: "<s>", EOS: "</s>"}
 SOURCE_SPM, TARGET_SPM, INFO = "source.spm", "target.spm", "mtkit_export.json"
 # Everything an export writes; only these are replaced when `force` overwrites a directory.
 EXPORT_FILES = ("model.bin", "config.json", "shared_vocabulary.json", "source_vocabulary.json",
@@ -140,7 +139,7 @@ def _build_spec(state: dict, source: str) -> Any:
     spec.register_target_vocabulary(_tokens(vocab.tgt))
     spec.config.layer_norm_epsilon = LAYER_NORM_EPS
     spec.config.add_source_eos = True  # mtkit reads source + EOS (batching.pad(suffix=EOS))
-    spec.config.decoder_start_token = SPECIALS[2]  # the decoder starts from BOS at position 0
+    spec.config.decoder_start_token = SPECIALS[BOS]  # the decoder starts from BOS at position 0
     spec.validate()
     return spec
 
@@ -152,18 +151,9 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise UserError(f"{out}: directory exists and is not empty (pass force=True / --force to overwrite)")
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished export from `tmp` to `out`, replacing only a previous export's files."""
-    if not out.exists() or not any(out.iterdir()):
-        if out.exists():
-            out.rmdir()
-        tmp.replace(out)
-        return
-    for name in EXPORT_FILES:
-        (out / name).unlink(missing_ok=True)
-    for path in tmp.iterdir():
-        path.replace(out / path.name)
-    tmp.rmdir()
+def _previous_export(entry: Path) -> bool:
+    """What `force` may replace in an existing directory: the files an export writes, no others."""
+    return entry.name in EXPORT_FILES
 
 
 def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization: str | None = None,
@@ -183,11 +173,7 @@ def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization
         spec.optimize(quantization=quantization)
     except ValueError as exc:
         raise UserError(f"quantization {quantization!r}: {exc}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"  # mkdir, unlike mkdtemp, honours the umask
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, replace_only=_previous_export) as tmp:  # the whole export or none of it
         spec.save(str(tmp))
         vocab = state["vocab"]
         (tmp / SOURCE_SPM).write_bytes(vocab["src"])
@@ -195,9 +181,6 @@ def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization
         info = {"checkpoint": str(path.resolve()), "step": state.get("step"), "quantization": quantization,
                 "config": state["config"]}
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -254,7 +237,7 @@ def ct2_translate(model: CT2Model | str | Path, lines: list[str], beam_size: int
         pieces, beam_size=d.beam_size, length_penalty=d.length_penalty, patience=1.0,
         max_batch_size=max(1, d.max_tokens // d.beam_size), batch_type="tokens",
         max_input_length=limit, max_decoding_length=max(steps), min_decoding_length=0,
-        suppress_sequences=[[SPECIALS[0]]])  # mtkit never emits PAD either
+        suppress_sequences=[[SPECIALS[PAD]]])  # mtkit never emits PAD either
     for i, n, result in zip(todo, steps, results):
         out[i] = model.tgt_spm.decode_pieces(result.hypotheses[0][: n - 1])
     return out

@@ -2,19 +2,33 @@
 
 Mask convention for the whole package: a boolean mask is True where a query may attend to a key.
 Shapes: B batch, S source length, T target length, H heads, D d_model, V vocabulary.
+
+This module is the paper and nothing else: decoding backends (mtkit.inference) may swap in other
+attention kernels or layers for one device, but never change what is computed here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtkit.config import ModelConfig
+from mtkit.data.vocab import PAD
 
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
+Kernel = Callable[..., torch.Tensor]
+"""kernel(q, k, v, mask, causal, dropout_p) -> (B, H, Lq, d_v): equation 1 over (B, H, L, d_k)
+queries, keys and values; mask (True: may attend) broadcasts to (B, H, Lq, Lk); causal lets
+query i see keys 0..i; a query with no key to attend to gets zeros."""
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """Equation 1, softmax(Q K^T / sqrt(d_k)) V, by torch's scaled_dot_product_attention."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
 def sinusoids(length: int, d_model: int) -> torch.Tensor:
@@ -40,93 +54,46 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        x = self.tokens(ids) * self.scale + self.pe[start : start + ids.size(1)]  # (B, L, D)
-        return self.dropout(x) if self.training else x
+        return self.dropout(self.tokens(ids) * self.scale + self.pe[start : start + ids.size(1)])  # (B, L, D)
 
 
-MATH_ATTENTION_MAX = 2560
-"""CPU inference attends with two batched matmuls where queries x keys per head is at most this:
-2-6x faster than SDPA's CPU kernel on decoding steps and short sentences; SDPA's blocked kernel
-wins on long ones (2.6x at 256 x 256, 2 cores)."""
+class TiedOutput(nn.Module):
+    """Section 3.4: the pre-softmax projection shares the target embedding matrix: logits = x E^T.
+    The matrix is the embedding's parameter, not one of this module's."""
 
-SMALL_BMM = 400
-"""torch's CPU bmm multiplies matrices of fewer multiply-adds than this (rows x columns x inner)
-with a plain loop, 2-6x slower than MKL's: the first 6 decoding steps' self-attention at d_k 64.
-Those multiply elementwise and sum instead (2.5-3.6x faster there, 1 thread)."""
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not registered a second time
 
-SMALL_SOFTMAX = 16
-"""torch's CPU softmax over a last dimension shorter than its 16-float vector is slow (3.5-5x
-slower at 8-15 keys than exp and sum, which it beats from 16 on)."""
-
-
-def softmax_(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension; exp and sum, in place unless autograd needs the scores,
-    where that is faster (fewer than SMALL_SOFTMAX)."""
-    if scores.size(-1) >= SMALL_SOFTMAX:
-        return scores.softmax(-1)
-    if scores.requires_grad:
-        e = (scores - scores.amax(-1, keepdim=True)).exp()
-        return e / e.sum(-1, keepdim=True)
-    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
-    return scores.div_(scores.sum(-1, keepdim=True))
-
-
-def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q (B, H, Lq, d_k) . k (B, H, Lk, d_k) -> (B, H, Lq, Lk): bmm over B x H (fewer dispatched
-    ops than 4-D matmul), or elementwise products summed where bmm would take its small loop."""
-    (B, H, Lq, d_k), Lk = q.shape, k.size(2)
-    if Lq * Lk * d_k < SMALL_BMM:
-        return (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1)
-    return torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)).view(B, H, Lq, Lk)
-
-
-def _mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention weights (B, H, Lq, Lk) times values (B, H, Lk, d_v) -> (B, H, Lq, d_v), as `_scores`."""
-    (B, H, Lq, Lk), d_v = p.shape, v.size(3)
-    if Lq * Lk * d_v < SMALL_BMM:
-        return (p.unsqueeze(4) * v.unsqueeze(2)).sum(3)
-    return torch.bmm(p.flatten(0, 1), v.flatten(0, 1)).view(B, H, Lq, d_v)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._embedding[0].weight)  # (B, T, V)
 
 
 class KVCache:
-    """One decoder layer's self-attention keys/values while decoding step by step (B, H, t, d_k).
-
-    Beam search gathers the surviving rows after every step; the gather writes into tensors one
-    position longer, so the next step stores its keys in that free slot instead of concatenating
-    (one copy of the cache per step instead of two). Without a reorder (greedy) appends concatenate.
-    """
+    """One decoder layer's self-attention keys and values so far (B, H, t, d_k), for decoding one
+    position at a time; beam search keeps the rows of the hypotheses that survive a step."""
 
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one position (B, H, 1, d_k); returns the keys and values so far."""
-        t = self.length
         if self.k is None:
             self.k, self.v = k, v
-        elif t == self.k.size(2):  # no free slot
-            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
         else:
-            self.k[:, :, t], self.v[:, :, t] = k[:, :, 0], v[:, :, 0]
-        self.length = t + 1
-        return self.k[:, :, : t + 1], self.v[:, :, : t + 1]
+            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        return self.k, self.v
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (each surviving hypothesis's parent), in that order."""
-        self.k, self.v = (self._gather(x, index) for x in (self.k, self.v))
-
-    def _gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(index.numel(), x.size(1), self.length + 1, x.size(3))
-        torch.index_select(x[:, :, : self.length], 0, index, out=out[:, :, : self.length])
-        return out
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class MultiHeadAttention(nn.Module):
-    """Section 3.2.2: h parallel scaled dot-product attentions over learned projections."""
+    """Section 3.2.2: h parallel scaled dot-product attentions (`kernel`) over learned projections."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernel: Kernel = sdpa):
         super().__init__()
         self.h, self.d_k = cfg.n_heads, cfg.d_model // cfg.n_heads
         self.q = nn.Linear(cfg.d_model, cfg.d_model)
@@ -134,50 +101,48 @@ class MultiHeadAttention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.p_attn = cfg.attention_dropout
-        self.qkv: nn.Module | None = None  # inference may fuse q, k, v into one (D -> 3D) layer
+        self.kernel = kernel
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.size(0), x.size(1), self.h, self.d_k).transpose(1, 2)  # (B, H, L, d_k)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        return self.split(self.q(x))
 
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `memory`, computed once per source for cross-attention."""
         return self.split(self.k(memory)), self.split(self.v(memory))
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention's queries, keys and values of x: one matmul where inference fused them."""
-        if self.qkv is None:  # keys and values first, as before: autograd sums x's gradient in that order
-            k, v = self.project_kv(x)
-            return self.split(self.q(x)), k, v
-        q, k, v = self.qkv(x).chunk(3, -1)
-        return self.split(q), self.split(k), self.split(v)
+        """Self-attention's queries, keys and values, all of x."""
+        k, v = self.project_kv(x)  # keys and values first: autograd sums x's gradient in this order
+        return self.project_q(x), k, v
 
     def weights(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Equation 1's softmax(Q K^T / sqrt(d_k)), (B, H, Lq, Lk), for pictures."""
-        return self._softmax(self.split(self.q(x)), kv[0], mask)
-
-    def _softmax(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        scores = _scores(q, k).mul_(1.0 / math.sqrt(q.size(3)))  # (B, H, Lq, Lk)
+                mask: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
+        """Equation 1's softmax(Q K^T / sqrt(d_k)), (B, H, Lq, Lk), for pictures and alignments."""
+        q = self.project_q(x)
+        k = kv[0].repeat_interleave(group, 0) if group > 1 else kv[0]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_k)
         if mask is not None:
-            scores.masked_fill_(~mask, float("-inf"))
-        return softmax_(scores)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        return self.attend(self.split(self.q(x)), kv, mask, causal)
+                mask: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
+        return self.attend(self.project_q(x), kv, mask, group=group)
 
-    def attend(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        """Projected queries (B, H, Lq, d_k) attend to keys/values; heads joined, projected out."""
+    def attend(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+               causal: bool = False, group: int = 1) -> torch.Tensor:
+        """Projected queries (B, H, Lq, d_k) attend to keys/values; heads joined, projected out.
+
+        `group` > 1: kv has one row per `group` consecutive query rows (in beam search, the K
+        hypotheses of a sentence share its source), which attend together to that one copy.
+        """
         B, H, Lq, d_k = q.shape
-        group = B // kv[0].size(0)  # > 1 in beam search: the K hypotheses of a sentence share its source
-        if group > 1:  # their queries attend together to one copy of the keys: (B / K, H, K * Lq, d_k)
+        if group > 1:  # (B / K, H, K * Lq, d_k)
             q = q.view(-1, group, H, Lq, d_k).transpose(1, 2).reshape(-1, H, group * Lq, d_k)
-        if self.training or causal or q.device.type != "cpu" or q.size(2) * kv[0].size(2) > MATH_ATTENTION_MAX:
-            p = self.p_attn if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p, is_causal=causal)
-        else:  # CPU inference with few queries (decoding steps) or short keys: two batched matmuls
-            y = _mix(self._softmax(q, kv[0], mask), kv[1])
+        y = self.kernel(q, kv[0], kv[1], mask, causal, self.p_attn if self.training else 0.0)
         if group > 1:
             y = y.view(-1, H, group, Lq, d_k).transpose(1, 2).reshape(B, H, Lq, d_k)
         return self.out(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
@@ -190,10 +155,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.act = nn.ReLU()  # a module, so inference can fold it into w1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)))
+        return self.w2(torch.relu(self.w1(x)))
 
 
 class Residual(nn.Module):
@@ -205,12 +169,10 @@ class Residual(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.pre = cfg.norm == "pre"
 
-    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
-        # Pre-norm, a departure from the paper on request: x + Dropout(Sublayer(LayerNorm(x))).
-        y = sublayer(self.norm(x) if self.pre else x)
-        if self.training:  # decoding skips the no-op call
-            y = self.dropout(y)
-        return x + y if self.pre else self.norm(x + y)
+    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.pre:  # a departure from the paper on request: x + Dropout(Sublayer(LayerNorm(x)))
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -239,16 +201,16 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(cfg)
         self.res1, self.res2, self.res3 = Residual(cfg), Residual(cfg), Residual(cfg)
 
-    def forward(self, x: torch.Tensor, cross_kv: tuple, src_mask: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cross_kv: tuple, src_mask: torch.Tensor, cache: KVCache | None = None,
+                group: int = 1) -> torch.Tensor:
         def self_attention(y: torch.Tensor) -> torch.Tensor:
             q, k, v = self.self_attn.project_qkv(y)
-            if cache is None:  # full target: causal mask, position i sees 0..i
+            if cache is None:  # the whole target: position i sees 0..i
                 return self.self_attn.attend(q, (k, v), causal=True)
-            return self.self_attn.attend(q, cache.append(k, v))  # one new position sees all cached so far
+            return self.self_attn.attend(q, cache.append(k, v))  # one new position sees all so far
 
         x = self.res1(x, self_attention)
-        x = self.res2(x, lambda y: self.cross_attn(y, cross_kv, src_mask))
+        x = self.res2(x, lambda y: self.cross_attn(y, cross_kv, src_mask, group))
         return self.res3(x, self.ffn)
 
 
@@ -265,9 +227,7 @@ class Transformer(nn.Module):
         # Pre-norm needs a final LayerNorm on each stack; post-norm ends in one already.
         self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
-        # Inference may install the output projection as a module of its own (same weights) so it
-        # can be quantised or repacked; training leaves it None and uses the shared matrix.
-        self.output: nn.Module | None = None
+        self.output = TiedOutput(self.tgt_embed.tokens)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -285,21 +245,14 @@ class Transformer(nn.Module):
         """Encoder keys/values for every decoder layer, projected once per source."""
         return [layer.cross_attn.project_kv(memory) for layer in self.decoder]
 
-    def new_cache(self) -> list[KVCache]:
-        """Empty self-attention caches, one per decoder layer, for incremental decoding."""
-        return [KVCache() for _ in self.decoder]
-
-    def decode(self, tgt_in: torch.Tensor, cross: list, src_mask: torch.Tensor,
-               cache: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
-        """tgt_in (B, T) -> logits (B, T, V); with `cache`, tgt_in is the one position `start`."""
+    def decode(self, tgt_in: torch.Tensor, cross: list, src_mask: torch.Tensor, cache: list[KVCache] | None = None,
+               start: int = 0, group: int = 1) -> torch.Tensor:
+        """tgt_in (B, T) -> logits (B, T, V); with `cache` (one per layer), tgt_in is the one
+        position `start`; `group`: target rows per source row (see MultiHeadAttention.attend)."""
         x = self.tgt_embed(tgt_in, start)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, cross[i], src_mask, None if cache is None else cache[i])
-        x = self.dec_norm(x)
-        if self.output is not None:
-            return self.output(x)
-        # Section 3.4: the pre-softmax projection shares the target embedding matrix.
-        return F.linear(x, self.tgt_embed.tokens.weight)
+            x = layer(x, cross[i], src_mask, None if cache is None else cache[i], group)
+        return self.output(self.dec_norm(x))
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, T, V) for training."""

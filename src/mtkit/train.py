@@ -7,6 +7,7 @@ rank reads its own batches of a step, rank 0 validates and writes checkpoints an
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -38,7 +39,9 @@ from mtkit.engine import (ComputeContext, Dist, init_distributed, label_smoothed
 from mtkit.errors import UserError
 from mtkit.evaluate import score
 from mtkit.io import exclusive, write_text
-from mtkit.model import PAD, Transformer, count_parameters
+from mtkit.data.vocab import PAD
+from mtkit.model import Transformer, count_parameters
+from mtkit import inference
 from mtkit.translate import Translator
 
 log = logging.getLogger("mtkit")
@@ -152,7 +155,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def validate(model: Transformer, translator: Translator, data: PreparedData, cfg: RunConfig,
              autocast: ComputeContext, max_tokens: int) -> dict:
-    """Validation loss (per target token) and sacreBLEU of beam search on the validation set."""
+    """Validation loss (per target token, the training model as it is) and sacreBLEU of beam
+    search on the validation set (on CPU with a copy installed with the CPU backend: same
+    outputs, faster)."""
     model.eval()
     src, tgt = data.split("valid")
     nll_sum, tokens = 0.0, 0
@@ -164,6 +169,10 @@ def validate(model: Transformer, translator: Translator, data: PreparedData, cfg
         tokens += int((batch["tgt_out"] != PAD).sum())
     n = cfg.train.valid_bleu_sentences
     src_text, refs = data.text("valid", "src")[:n], data.text("valid", "tgt")[:n]
+    if translator.device.type == "cpu":
+        decoder = copy.deepcopy(model)
+        translator = Translator(decoder, translator.vocab, translator.decode, translator.device,
+                                precision=translator.precision, backend=inference.install(decoder, translator.device))
     hyps = translator.translate(src_text)
     bleu = score(hyps, [refs], metrics=("bleu",))["bleu"]
     model.train()

@@ -9,7 +9,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from mtkit.model import BOS, EOS, PAD
+from mtkit.data.vocab import BOS, EOS, PAD
 
 
 def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int,

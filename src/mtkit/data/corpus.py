@@ -6,7 +6,6 @@ puts them (worker processes), so no split is ever held in memory whole.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import logging
@@ -24,7 +23,7 @@ import numpy as np
 
 from mtkit.config import DataConfig
 from mtkit.errors import UserError
-from mtkit.io import cause
+from mtkit.io import cause, open_bytes
 
 log = logging.getLogger("mtkit")
 
@@ -38,10 +37,8 @@ def read_lines(path: str | Path, errors: Literal["strict", "replace"] = "strict"
     """
     path = Path(path)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with open_bytes(path) as f:
             data = f.read()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
     except (OSError, EOFError, zlib.error) as exc:
         raise UserError(f"{path}: cannot read ({cause(exc)})") from None
     return decode_lines(data, str(path), errors)
@@ -52,21 +49,8 @@ def stream_lines(path: str | Path | None, errors: Literal["strict", "replace"] =
     unreadable file is an error before the first line."""
     if path is None or str(path) == "-":
         return iter_lines(sys.stdin.buffer, "<stdin>", errors)
-    stream = open_binary(path)
+    stream = open_bytes(path)
     return _closing(iter_lines(stream, str(path), errors), stream)
-
-
-def open_binary(path: str | Path) -> BinaryIO:
-    """A plain or gzipped file opened for binary reading; a missing or unreadable file is an error now."""
-    path = Path(path)
-    try:
-        stream = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115 (returned open)
-        stream.peek(1)  # a directory or unreadable file fails here, not half-way
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (OSError, EOFError, zlib.error) as exc:
-        raise UserError(f"{path}: cannot read ({cause(exc)})") from None
-    return stream
 
 
 def _closing(lines: Iterator[str], stream: BinaryIO) -> Iterator[str]:
@@ -201,7 +185,7 @@ def _text_paths(cfg: DataConfig, split: str) -> tuple[Path, Path]:
 def _text_chunks(src_path: Path, tgt_path: Path, size: int) -> Iterator[Chunk]:
     """Line pairs of two files; differing line counts are an error naming both counts."""
     names = (str(src_path), str(tgt_path))
-    with open_binary(src_path) as fs, open_binary(tgt_path) as ft:
+    with open_bytes(src_path) as fs, open_bytes(tgt_path) as ft:
         pairs = zip_longest(_raw_lines(fs, src_path), _raw_lines(ft, tgt_path))
         first = 1
         while items := list(islice(pairs, size)):
@@ -216,7 +200,7 @@ def _text_chunks(src_path: Path, tgt_path: Path, size: int) -> Iterator[Chunk]:
 
 
 def _tsv_chunks(path: Path, size: int) -> Iterator[Chunk]:
-    with open_binary(path) as f:
+    with open_bytes(path) as f:
         lines, first = _raw_lines(f, path), 1
         while items := list(islice(lines, size)):
             yield Chunk("tsv", (str(path), str(path)), items, first)

@@ -14,8 +14,10 @@ from mtkit.config import TokenizerConfig
 from mtkit.data.corpus import Chunk
 from mtkit.errors import UserError
 
-# Fixed special ids shared by every vocabulary (model.py names them PAD, UNK, BOS, EOS).
-SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+"""The special ids every vocabulary has, in SentencePiece's order: padding, unknown, begin and end
+of sentence. The one definition: the model, batching, search and export import them from here."""
+SPECIAL_IDS = {"pad_id": PAD, "unk_id": UNK, "bos_id": BOS, "eos_id": EOS}
 
 
 def sample_size(cfg: TokenizerConfig) -> int | None:
