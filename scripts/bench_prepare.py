@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from benchlib import machine, publish
 
 log = logging.getLogger("bench_prepare")

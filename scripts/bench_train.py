@@ -31,10 +31,17 @@ from benchlib import finish, machine
 from mtkit.config import ModelConfig, RunConfig, load_config
 from mtkit.data.batching import collate, token_batches
 from mtkit.data.shards import PreparedData
-from mtkit.device import Precision, choose_precision, pick_device
-from mtkit.engine import (CPU_AUTO_MAX_TOKENS, ComputeContext, Dist, make_optimizer, probe_max_tokens,
-                          train_step, wrap_model)
 from mtkit.data.vocab import BOS, EOS, PAD
+from mtkit.device import Precision, choose_precision, pick_device
+from mtkit.engine import (
+    CPU_AUTO_MAX_TOKENS,
+    ComputeContext,
+    Dist,
+    make_optimizer,
+    probe_max_tokens,
+    train_step,
+    wrap_model,
+)
 from mtkit.model import Transformer, count_parameters
 from mtkit.train import learning_rate
 

@@ -28,12 +28,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
 from benchlib import finish, machine
 
 # hf_peer imports transformers only when a model is converted: safe to import without it.
 from hf_peer import DIFFERENCES as HF_DIFFERENCES
 from hf_peer import INSTALL as HF_INSTALL
-
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import config_from_dict
 from mtkit.data.corpus import read_lines

@@ -26,8 +26,7 @@ from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import DecodeConfig, ModelConfig, config_from_dict
 from mtkit.data.batching import pad, token_batches
 from mtkit.data.corpus import normalize
-from mtkit.data.vocab import Vocab
-from mtkit.data.vocab import BOS, EOS, PAD
+from mtkit.data.vocab import BOS, EOS, PAD, Vocab
 from mtkit.model import sinusoids
 
 INSTALL = 'pip install "mtkit[bench]"'

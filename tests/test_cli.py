@@ -179,7 +179,7 @@ def test_max_time_stops_on_time_with_a_checkpoint_and_resume_continues(work, tmp
     assert (tmp_path / "timed" / "checkpoints" / f"step_{stopped['step']:08d}.pt").is_file()
     second = mtkit("train", "run.yaml", *cfg, "--set", "train.max_time=2", "--resume", cwd=work)
     assert second.returncode == 0, second.stderr
-    assert f"resumed from" in second.stderr
+    assert "resumed from" in second.stderr
     log = records(tmp_path / "timed" / "log.jsonl")
     assert log[-1]["step"] > stopped["step"] and log[-1]["elapsed"] > stopped["elapsed"]
     assert len(records(tmp_path / "timed" / "starts.jsonl")) == 2

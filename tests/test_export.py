@@ -14,9 +14,9 @@ from conftest import synthetic_pairs, write_text_pair
 from mtkit.checkpoint import load_checkpoint
 from mtkit.config import config_from_dict
 from mtkit.data.batching import pad
+from mtkit.data.vocab import BOS, EOS
 from mtkit.errors import UserError
 from mtkit.export import ct2_translate, export_ctranslate2, load_ct2
-from mtkit.data.vocab import BOS, EOS
 from mtkit.prepare import prepare
 from mtkit.train import train
 from mtkit.translate import Translator

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_model_config, untrained_checkpoint
 
+from conftest import ROOT, tiny_model_config, untrained_checkpoint
 from mtkit.data.batching import pad
 from mtkit.data.vocab import BOS, EOS, PAD
 from mtkit.model import Transformer

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synthetic_pairs, write_text_pair
 
 import mtkit.prepare
+from conftest import synthetic_pairs, write_text_pair
 from mtkit.config import config_from_dict
 from mtkit.data.batching import pooled_batches, rank_batches, step_groups, token_batches
 from mtkit.data.corpus import Chunk, normalize, read_lines

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_model_config
 from mtkit.config import ModelConfig
 from mtkit.data.vocab import BOS, EOS, PAD
-from mtkit.model import KVCache, MultiHeadAttention, Transformer, count_parameters, sdpa, sinusoids
+from mtkit.model import KVCache, MultiHeadAttention, Transformer, count_parameters, sinusoids
 from mtkit.search import beam_search, greedy_search, length_penalty
 
 V = 32

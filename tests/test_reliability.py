@@ -25,8 +25,8 @@ from mtkit.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from mtkit.config import config_from_dict, config_to_dict
 from mtkit.data.corpus import decode_lines
 from mtkit.data.shards import PreparedData
-from mtkit.errors import UserError
 from mtkit.data.vocab import EOS, UNK
+from mtkit.errors import UserError
 from mtkit.model import Transformer
 from mtkit.prepare import prepare
 from mtkit.translate import Translator

@@ -69,12 +69,11 @@ def test_worker_processes_translate_as_one_process(checkpoint):
     the CLI exits cleanly (no pool noise on stderr)."""
     lines = random_lines(40, seed=7)
     one = Translator.load(checkpoint, "cpu", max_tokens=60)
-    two = Translator.load(checkpoint, "cpu", workers=2, max_tokens=60)
-    try:
+    with Translator.load(checkpoint, "cpu", workers=2, max_tokens=60) as two:
         got, expected = two.translate_nbest(lines, 2), one.translate_nbest(lines, 2)
-        assert two._pool is not None  # the batches did go to the worker processes
-    finally:
-        two.close()
+        assert two._pool.started  # the batches did go to the worker processes
+        processes = list(two._pool._pool._processes.values())
+    assert not two._pool.started and not any(p.is_alive() for p in processes)  # the block's end stopped them
     assert [[t for t, _ in n] for n in got] == [[t for t, _ in n] for n in expected]
     assert [[s for _, s in n] for n in got] == [[pytest.approx(s, rel=1e-5) for _, s in n] for n in expected]
     proc = subprocess.run([sys.executable, "-m", "mtkit", "-q", "translate", "-m", str(checkpoint), "--workers", "2",

@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mtkit.config import TrainConfig
-from mtkit.device import Precision, pick_device
 from mtkit.data.vocab import PAD
+from mtkit.device import Precision, pick_device
 from mtkit.model import Transformer
 
 log = logging.getLogger("mtkit")

@@ -193,7 +193,7 @@ def open_bytes(path: str | Path) -> BinaryIO:
     path = Path(path)
     stream = None
     try:
-        stream = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+        stream = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # returned open
         stream.peek(1)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None

@@ -203,7 +203,7 @@ class _TextWriter:
     """The cleaned text of an evaluation split, one file per side."""
 
     def __init__(self, directory: Path, split: str):
-        self.files = [open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n")  # noqa: SIM115
+        self.files = [open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n")  # closed in close()
                       for side in ("src", "tgt")]
 
     def write(self, text: tuple[list[str], list[str]]) -> None:

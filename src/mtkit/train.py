@@ -16,8 +16,8 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from itertools import tee
 from pathlib import Path
 
@@ -27,21 +27,35 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mtkit.checkpoint import BEST, load_checkpoint, prune, remove_stray_temps, save_checkpoint, step_checkpoints
+from mtkit import inference
+from mtkit.checkpoint import (
+    BEST,
+    load_checkpoint,
+    prune,
+    remove_stray_temps,
+    save_checkpoint,
+    step_checkpoints,
+)
 from mtkit.config import RunConfig, config_to_dict, parse_duration, save_config
 from mtkit.curves import plot_curves
 from mtkit.data.batching import collate, rank_batches, step_groups, token_batches
 from mtkit.data.shards import PreparedData, TokenArray
-from mtkit.data.vocab import Vocab
+from mtkit.data.vocab import PAD, Vocab
 from mtkit.device import Precision, choose_precision, describe, versions
-from mtkit.engine import (ComputeContext, Dist, init_distributed, label_smoothed_loss, make_optimizer,
-                          probe_max_tokens, train_step, wrap_model)
+from mtkit.engine import (
+    ComputeContext,
+    Dist,
+    init_distributed,
+    label_smoothed_loss,
+    make_optimizer,
+    probe_max_tokens,
+    train_step,
+    wrap_model,
+)
 from mtkit.errors import UserError
 from mtkit.evaluate import score
 from mtkit.io import exclusive, write_text
-from mtkit.data.vocab import PAD
 from mtkit.model import Transformer, count_parameters
-from mtkit import inference
 from mtkit.translate import Translator
 
 log = logging.getLogger("mtkit")

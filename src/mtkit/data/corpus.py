@@ -210,7 +210,7 @@ def _tsv_chunks(path: Path, size: int) -> Iterator[Chunk]:
 def _records(ds: Iterable, where: str) -> Iterator[dict]:
     try:
         yield from ds
-    except Exception as exc:  # noqa: BLE001 (datasets and pyarrow raise many types; all mean "cannot read")
+    except Exception as exc:  # datasets and pyarrow raise many types; all mean "cannot read"
         raise UserError(f"{where}: cannot read through datasets ({str(exc).splitlines()[0]})") from None
 
 
@@ -226,13 +226,13 @@ def _record_chunks(cfg: DataConfig, split: str, size: int) -> Iterator[Chunk]:
         if not path.is_file():
             raise UserError(f"{path}: file not found (data.splits.{split})")
         where = str(path)
-        load = lambda: datasets.load_dataset("json", data_files=where, split="train", streaming=True)
+        args, kwargs = ("json",), {"data_files": where, "split": "train"}
     else:
         where = f"{cfg.hub_name}[{cfg.hub_config or ''}]:{spec}"
-        load = lambda: datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=spec, streaming=True)
+        args, kwargs = (cfg.hub_name, cfg.hub_config), {"split": spec}
     try:
-        records = _records(load(), where)
-    except Exception as exc:  # noqa: BLE001 (as above)
+        records = _records(datasets.load_dataset(*args, **kwargs, streaming=True), where)
+    except Exception as exc:  # as above
         raise UserError(f"{where}: cannot load through datasets ({str(exc).splitlines()[0]})") from None
     src_field, tgt_field = cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang
     first = 1

@@ -32,8 +32,8 @@ class _SideWriter:
 
     def __init__(self, directory: Path, stem: str, dtype: np.dtype):
         self.dir, self.stem, self.dtype = directory, stem, dtype
-        self.lengths = open(directory / f"{stem}.lengths.bin", "wb")  # noqa: SIM115 (closed in close())
-        self.offsets = open(directory / f"{stem}.offsets.bin", "wb")  # noqa: SIM115 (closed in close())
+        self.lengths = open(directory / f"{stem}.lengths.bin", "wb")  # closed in close()
+        self.offsets = open(directory / f"{stem}.offsets.bin", "wb")  # closed in close()
         self.shard: BinaryIO | None = None
         self.shards: list[dict] = []
         self.tokens = self.longest = 0
@@ -42,7 +42,7 @@ class _SideWriter:
         if self.shard:
             self.shard.close()
         name = f"{self.stem}.{len(self.shards):05d}.bin"
-        self.shard = open(self.dir / name, "wb")  # noqa: SIM115 (closed at the next shard or in close())
+        self.shard = open(self.dir / name, "wb")  # closed at the next shard or in close()
         self.shards.append({"file": name, "pairs": 0, "tokens": 0})
 
     def write(self, ids: np.ndarray, lengths: np.ndarray) -> None:

@@ -67,6 +67,11 @@ class WorkerPool:
     def __init__(self, workers: int, task: Callable[[Any], Any]):
         self.workers, self.task, self._pool = workers, task, None
 
+    @property
+    def started(self) -> bool:
+        """Whether the processes are running (between the first `map` and `close`)."""
+        return self._pool is not None
+
     def map(self, jobs: list) -> Iterator:
         """task(job) for each job, in order, spread over the workers."""
         if self._pool is None:  # forked on first use: the workers inherit everything loaded so far
