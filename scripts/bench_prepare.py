@@ -44,10 +44,12 @@ LANGS = ("de", "en")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[2_000_000, 8_000_000], help="corpus sizes in pairs")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2_000_000, 8_000_000],
+                   help="corpus sizes in pairs")
     p.add_argument("--out", type=Path, default=Path("results/bench_prepare.json"), help="JSON result file")
     p.add_argument("--data", type=Path, default=Path(DEFAULT_DATA),
-                   help="Multi30k directory with train/val.{de,en}.gz (default $MTKIT_TEST_DATA or ../shared/data/multi30k)")
+                   help="Multi30k directory with train/val.{de,en}.gz "
+                        "(default $MTKIT_TEST_DATA or ../shared/data/multi30k)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mtkit_bench_prepare"),
                    help="where corpora, prepared directories and runs go (default /tmp/mtkit_bench_prepare)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config (default {DEFAULT_CONFIG})")
@@ -83,7 +85,8 @@ def _perturb(words: list[str], drop: int | None, swap: int | None, number: str |
 
 
 def make_corpus(data: Path, out: Path, pairs: int, seed: int = 0) -> float:
-    """train.{de,en}.gz of `pairs` perturbed Multi30k pairs (deterministic) and Multi30k's val; seconds taken."""
+    """train.{de,en}.gz of `pairs` perturbed Multi30k pairs (deterministic) and Multi30k's val;
+    seconds taken."""
     done = out / "DONE"
     if done.is_file() and done.read_text() == f"{pairs} {seed}\n":
         return 0.0
@@ -157,7 +160,8 @@ class Peak:
         rss = [_kb(f"/proc/{pid}/status", "VmRSS:") for pid in pids]
         pss = sum(_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids)
         self.rss_kb, self.pss_kb = max(self.rss_kb, sum(rss)), max(self.pss_kb, pss)
-        self.single_kb, self.processes = max(self.single_kb, max(rss, default=0)), max(self.processes, len(pids))
+        self.single_kb, self.processes = (max(self.single_kb, max(rss, default=0)),
+                                          max(self.processes, len(pids)))
 
     def as_mb(self) -> dict:
         return {"peak_rss_mb": round(self.rss_kb / 1024, 1), "peak_pss_mb": round(self.pss_kb / 1024, 1),
@@ -201,10 +205,12 @@ def _tail(path: Path, lines: int = 5) -> str:
 def bench_prepare(args: argparse.Namespace, pairs: int, corpus: Path) -> dict:
     """One `mtkit prepare` run on the corpus of `pairs` pairs."""
     prepared = args.workdir / f"prepared-{pairs}"
-    sets = [f"data.dir={corpus}", "data.format=text", "data.splits={train: 'train.{lang}.gz', valid: 'val.{lang}.gz'}",
+    sets = [f"data.dir={corpus}", "data.format=text",
+            "data.splits={train: 'train.{lang}.gz', valid: 'val.{lang}.gz'}",
             "data.src_lang=de", "data.tgt_lang=en", f"data.prepared_dir={prepared}",
             f"tokenizer.input_sentence_size={args.sample}", *args.overrides]
-    cmd = [sys.executable, "-m", "mtkit", "prepare", args.config, "--force"] + [a for s in sets for a in ("--set", s)]
+    cmd = ([sys.executable, "-m", "mtkit", "prepare", args.config, "--force"]
+           + [a for s in sets for a in ("--set", s)])
     log_path = args.workdir / f"prepare-{pairs}.log"
     log.info("prepare %d pairs ...", pairs)
     code, seconds, peak = watch(cmd, log_path)
@@ -215,7 +221,8 @@ def bench_prepare(args: argparse.Namespace, pairs: int, corpus: Path) -> dict:
     return {"pairs": pairs, "seconds": round(seconds, 2), **peak.as_mb(),
             "seconds_per_million_pairs": round(seconds / pairs * 1e6, 2), "kept_pairs": train["pairs"],
             "src_tokens": train["src_tokens"], "tgt_tokens": train["tgt_tokens"],
-            "shards": len(train["src"]["shards"]), "dropped": train["dropped"], "log_tail": _tail(log_path, 4)}
+            "shards": len(train["src"]["shards"]), "dropped": train["dropped"],
+            "log_tail": _tail(log_path, 4)}
 
 
 def bench_train_start(args: argparse.Namespace, pairs: int, repeat: int) -> dict:
@@ -225,7 +232,8 @@ def bench_train_start(args: argparse.Namespace, pairs: int, repeat: int) -> dict
     sets = [f"data.prepared_dir={args.workdir / f'prepared-{pairs}'}", f"train.run_dir={run_dir}",
             "train.device=cpu", "train.log_every=1", "train.max_steps=1000000", "train.valid_every=1000000",
             *args.overrides]
-    cmd = [sys.executable, "-m", "mtkit", "train", args.config, "--force"] + [a for s in sets for a in ("--set", s)]
+    cmd = ([sys.executable, "-m", "mtkit", "train", args.config, "--force"]
+           + [a for s in sets for a in ("--set", s)])
     log_file = run_dir / "log.jsonl"
 
     def first_step() -> bool:
@@ -267,8 +275,9 @@ def report(result: dict) -> str:
     lines = ["prepare (SentencePiece on a bounded sample + encoding), process tree incl. workers", header]
     for r in result["runs"]:
         lines.append(f"{r['pairs']:>10} {r['seconds']:>9.1f} {r['seconds_per_million_pairs']:>10.1f} "
-                     f"{r['peak_rss_mb']:>12.0f} {r['peak_pss_mb']:>12.0f} {r['peak_single_process_rss_mb']:>16.0f} "
-                     f"{r['processes']:>6} {r['kept_pairs']:>10} {r['shards']:>7}")
+                     f"{r['peak_rss_mb']:>12.0f} {r['peak_pss_mb']:>12.0f} "
+                     f"{r['peak_single_process_rss_mb']:>16.0f} {r['processes']:>6} {r['kept_pairs']:>10} "
+                     f"{r['shards']:>7}")
     if result["train_start"]:
         lines += ["", "train start (launch -> first optimizer step logged, CPU)",
                   f"{'pairs':>10} {'repeat':>7} {'seconds':>9} {'peak RSS MB':>12} {'peak PSS MB':>12}"]

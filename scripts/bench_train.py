@@ -48,9 +48,11 @@ from mtkit.train import learning_rate
 log = logging.getLogger("bench_train")
 
 DEFAULT_CONFIG = "configs/quickstart_cpu.yaml"
-H100_BF16_TFLOPS = {"measured_790": 790.0, "spec_989": 989.0}  # dense bf16: measured on the machine, and the spec sheet
+# dense bf16: measured on the machine, and the spec sheet
+H100_BF16_TFLOPS = {"measured_790": 790.0, "spec_989": 989.0}
 H200_BF16_TFLOPS = {"spec_989": 989.0}  # same tensor cores as the H100; no measured peak here
-FLOPS_FORMULA = ("6 * (P_enc * sum(S) + (P_dec + V * d) * sum(T)) + 12 * d * sum(L_enc * S^2 + L_dec * (T^2 + S * T)); "
+FLOPS_FORMULA = ("6 * (P_enc * sum(S) + (P_dec + V * d) * sum(T)) "
+                 "+ 12 * d * sum(L_enc * S^2 + L_dec * (T^2 + S * T)); "
                  "P_enc = L(4d^2 + 2 d d_ff), P_dec = L(8d^2 + 2 d d_ff); S, T real lengths incl. EOS/BOS")
 INSTALL_PEER = 'pip install "transformers>=4.40"'
 
@@ -118,7 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per system (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per system, alternated (default 3)")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="token budget per batch (default train.max_tokens; auto: 4096 on CPU, probed on CUDA)")
+                   help="token budget per batch (default train.max_tokens; auto: 4096 on CPU, "
+                        "probed on CUDA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to run (default train.device of the config)")
     p.add_argument("--out", type=Path, default=Path("results/bench_train.json"), help="JSON result file")
@@ -185,28 +188,32 @@ def make_batches(data: PreparedData, cfg: RunConfig, max_tokens: int, count: int
     return out
 
 
-def build_mtkit(cfg: RunConfig, vocab: tuple[int, int], device: torch.device, precision: Precision) -> tuple[System, Transformer]:
+def build_mtkit(cfg: RunConfig, vocab: tuple[int, int], device: torch.device,
+                precision: Precision) -> tuple[System, Transformer]:
     """Exactly what `mtkit train` builds: model, fused Adam, compile wrapper, autocast context."""
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model, *vocab).to(device)
     optimizer = make_optimizer(model, cfg.train)
     step_model = wrap_model(model, cfg.train, device, Dist())
     step_model.train()
-    return System("mtkit", step_model, optimizer, ComputeContext(device, precision), count_parameters(model)), model
+    return System("mtkit", step_model, optimizer, ComputeContext(device, precision),
+                  count_parameters(model)), model
 
 
-def build_peer(cfg: RunConfig, vocab: tuple[int, int], device: torch.device, precision: Precision, compile_: bool) -> System:
+def build_peer(cfg: RunConfig, vocab: tuple[int, int], device: torch.device, precision: Precision,
+               compile_: bool) -> System:
     """MarianMTModel with mtkit's dimensions, tied embeddings, special ids and dropout; SDPA attention."""
     from transformers import MarianConfig, MarianMTModel
 
     m = cfg.model
     config = MarianConfig(
-        vocab_size=vocab[0], decoder_vocab_size=vocab[1], d_model=m.d_model, max_position_embeddings=m.max_positions,
-        encoder_layers=m.n_layers, decoder_layers=m.n_layers, encoder_attention_heads=m.n_heads,
-        decoder_attention_heads=m.n_heads, encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff,
-        activation_function="relu", scale_embedding=True, share_encoder_decoder_embeddings=m.share_embeddings,
-        tie_word_embeddings=m.share_embeddings, pad_token_id=PAD, eos_token_id=EOS, forced_eos_token_id=EOS,
-        bos_token_id=None, decoder_start_token_id=BOS, dropout=m.dropout, attention_dropout=m.attention_dropout,
+        vocab_size=vocab[0], decoder_vocab_size=vocab[1], d_model=m.d_model,
+        max_position_embeddings=m.max_positions, encoder_layers=m.n_layers, decoder_layers=m.n_layers,
+        encoder_attention_heads=m.n_heads, decoder_attention_heads=m.n_heads, encoder_ffn_dim=m.d_ff,
+        decoder_ffn_dim=m.d_ff, activation_function="relu", scale_embedding=True,
+        share_encoder_decoder_embeddings=m.share_embeddings, tie_word_embeddings=m.share_embeddings,
+        pad_token_id=PAD, eos_token_id=EOS, forced_eos_token_id=EOS, bos_token_id=None,
+        decoder_start_token_id=BOS, dropout=m.dropout, attention_dropout=m.attention_dropout,
         activation_dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0, attn_implementation="sdpa")
     torch.manual_seed(cfg.train.seed)
     adapter = MarianAdapter(MarianMTModel(config)).to(device)
@@ -320,7 +327,8 @@ def benchmark(systems: list[System], batches: Batches, args: argparse.Namespace,
             rec["start_mb"].append(start_mb)
             rec["loss"].append(loss)
             rec["memory_kind"] = memory_kind(device, resettable)
-            log.info("repeat %d/%d %s: %.2f s for %d steps", r + 1, args.repeats, system.name, seconds, args.steps)
+            log.info("repeat %d/%d %s: %.2f s for %d steps", r + 1, args.repeats, system.name, seconds,
+                     args.steps)
     return raw
 
 
@@ -377,13 +385,17 @@ def report(result: dict) -> str:
     lines = [f"bench_train: {setup['config']} | {setup['device']} {setup['precision']} | "
              f"max_tokens {setup['max_tokens']} | {setup['steps']} steps x {setup['repeats']} repeats "
              f"(+{setup['warmup']} warm-up), alternated",
-             f"model: d_model {setup['model']['d_model']}, {setup['model']['n_layers']}+{setup['model']['n_layers']} "
-             f"layers, {setup['model']['n_heads']} heads, d_ff {setup['model']['d_ff']}, vocab {setup['vocab_size']}; "
+             f"model: d_model {setup['model']['d_model']}, "
+             f"{setup['model']['n_layers']}+{setup['model']['n_layers']} layers, "
+             f"{setup['model']['n_heads']} heads, d_ff {setup['model']['d_ff']}, "
+             f"vocab {setup['vocab_size']}; "
              f"norm=post for both (MarianMTModel is post-norm; the config says {setup['norm_in_config']})",
-             f"machine: {r['machine'].get('gpu') or r['machine']['cpu']}, {r['machine']['torch_threads']} torch threads"
+             f"machine: {r['machine'].get('gpu') or r['machine']['cpu']}, "
+             f"{r['machine']['torch_threads']} torch threads"
              + (f" | peer: transformers {r['peer']['version']} MarianMTModel (sdpa)" if r["peer"] else ""),
-             f"batches: {setup['sentences_per_step']:.0f} sentences, {setup['tgt_tokens_per_step']:.0f} target tokens "
-             f"per step; padding ratio {setup['padding_ratio']:.3f}; {setup['flops_per_step'] / 1e9:.1f} GFLOP/step",
+             f"batches: {setup['sentences_per_step']:.0f} sentences, "
+             f"{setup['tgt_tokens_per_step']:.0f} target tokens per step; "
+             f"padding ratio {setup['padding_ratio']:.3f}; {setup['flops_per_step'] / 1e9:.1f} GFLOP/step",
              "",
              f"{'system':<7} {'tgt tok/s  med [min, max]':>30} {'src+tgt tok/s':>14} "
              f"{'step ms  med [min, max]':>26} {'peak MB':>9} {'MFU':>14} {'loss/tok':>9}"]
@@ -398,7 +410,8 @@ def report(result: dict) -> str:
         per = ", ".join(f"{x:.2f}" for x in r["ratio_per_repeat"])
         lines.append(f"\nratio mtkit/peer, target tokens/s: {r['ratio']:.3f} "
                      f"(per repeat: {per}; above 1 = mtkit faster)")
-    mfu_peaks = ", ".join(f"{k} {v:g} TFLOP/s" for k, v in r["peak_tflops"].items()) or "none (pass --peak-tflops)"
+    mfu_peaks = (", ".join(f"{k} {v:g} TFLOP/s" for k, v in r["peak_tflops"].items())
+                 or "none (pass --peak-tflops)")
     lines.append(f"MFU peaks: {mfu_peaks}; memory: {next(iter(r['systems'].values()))['memory']['kind']}")
     return "\n".join(lines)
 
@@ -437,8 +450,9 @@ NOTES = [
     "Both systems run the same collated batches, already on the device: data loading is not timed.",
     "Both are driven by mtkit.engine.train_step (label_smoothed_loss, fused Adam, no clipping unless "
     "train.clip_norm); the peer is MarianMTModel behind a forward(src, tgt_in) -> logits adapter.",
-    "mtkit runs under ComputeContext (autocast in the chosen precision; SDPA math kernel on CPU); the peer under "
-    "plain torch.autocast with SDPA's default kernel choice, as a transformers user would run it.",
+    "mtkit runs under ComputeContext (autocast in the chosen precision; SDPA math kernel on CPU); "
+    "the peer under plain torch.autocast with SDPA's default kernel choice, "
+    "as a transformers user would run it.",
     "Model FLOPs count non-pad tokens only; MFU = model FLOP/s / peak.",
 ]
 
@@ -458,8 +472,8 @@ def run(args: argparse.Namespace) -> dict:
     systems = [mtkit_system]
     if not args.no_peer:
         systems.append(build_peer(cfg, vocab, device, precision, args.peer_compile))
-    log.info("device %s, %s (%s); %d tokens per batch; systems: %s", device, precision.name, precision.reason, max_tokens,
-             ", ".join(f"{s.name} ({s.parameters:,} parameters)" for s in systems))
+    log.info("device %s, %s (%s); %d tokens per batch; systems: %s", device, precision.name, precision.reason,
+             max_tokens, ", ".join(f"{s.name} ({s.parameters:,} parameters)" for s in systems))
     raw = benchmark(systems, batches, args, cfg, device)
     timed = batches.part(slice(args.warmup, None))
     peaks = peak_tflops(args, device, precision)
@@ -468,7 +482,8 @@ def run(args: argparse.Namespace) -> dict:
     ratio, per_repeat = None, []
     if "peer" in raw:
         per_repeat = [p / m for m, p in zip(raw["mtkit"]["seconds"], raw["peer"]["seconds"])]
-        ratio = summaries["mtkit"]["tgt_tokens_per_s"]["median"] / summaries["peer"]["tgt_tokens_per_s"]["median"]
+        ratio = (summaries["mtkit"]["tgt_tokens_per_s"]["median"]
+                 / summaries["peer"]["tgt_tokens_per_s"]["median"])
     return {"benchmark": "train", "ratio": ratio, "ratio_metric": "target tokens/s, mtkit / peer (medians)",
             "ratio_per_repeat": per_repeat, "peer": None if args.no_peer else peer_info(args.peer_compile),
             "machine": machine(device), "setup": setup_dict(args, setup, timed),

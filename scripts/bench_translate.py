@@ -47,7 +47,8 @@ from mtkit.translate import Translator
 log = logging.getLogger("bench_translate")
 
 DEFAULT_MODEL = "runs/quickstart"
-DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))
+DATA = Path(os.environ.get("MTKIT_DATA",
+                           Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))
 PAUSE_S = 1.0  # between timed runs
 HF = "hf float32"  # the transformers peer's system name
 NOTES = [
@@ -63,9 +64,9 @@ NOTES = [
     ("Timed: text in -> text out (SentencePiece, batching, search, detokenization); model loading, "
      "the CTranslate2 export and the transformers conversion are not timed. Target tokens = SentencePiece "
      "pieces of the output."),
-    ("transformers: the checkpoint converted with its exact weights (scripts/hf_peer.py: M2M100 for pre-norm, "
-     "MarianMTModel for post-norm, mtkit's sinusoids), eager `generate`, SDPA attention, float32. Differences "
-     "from mtkit: " + "; ".join(HF_DIFFERENCES) + "."),
+    ("transformers: the checkpoint converted with its exact weights (scripts/hf_peer.py: M2M100 for "
+     "pre-norm, MarianMTModel for post-norm, mtkit's sinusoids), eager `generate`, SDPA attention, "
+     "float32. Differences from mtkit: " + "; ".join(HF_DIFFERENCES) + "."),
 ]
 
 
@@ -88,7 +89,8 @@ class System:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"checkpoint or run directory (default {DEFAULT_MODEL})")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint or run directory (default {DEFAULT_MODEL})")
     p.add_argument("--src", type=Path, default=DATA / "test_2016_flickr.de.gz",
                    help="source file, plain or .gz (default $MTKIT_DATA/test_2016_flickr.de.gz)")
     p.add_argument("--ref", type=Path, default=DATA / "test_2016_flickr.en.gz",
@@ -103,7 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default torch's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both run (default cpu)")
     p.add_argument("--systems", nargs="+", choices=[*SYSTEMS, "hf"], default=None,
-                   help="run only these (default all; mtkit fp32 and ct2 float32 always run, they give the ratio)")
+                   help="run only these (default all; mtkit fp32 and ct2 float32 always run, "
+                        "they give the ratio)")
     p.add_argument("--out", type=Path, default=Path("results/bench_translate.json"), help="JSON result file")
     args = p.parse_args(argv)
     for name in ("beam", "repeats", "lines", "threads", "max_tokens"):
@@ -130,17 +133,20 @@ def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: 
         from hf_peer import hf_translate, to_transformers
 
         peer = to_transformers(model, device)
-        run = partial(hf_translate, peer, beam_size=settings["beam_size"], length_penalty=settings["length_penalty"],
-                      max_tokens=settings["max_tokens"], max_len_offset=settings["max_len_offset"])
-        return System(name, run, {**settings, "model_class": type(peer.model).__name__, "torch_threads": threads,
+        run = partial(hf_translate, peer, beam_size=settings["beam_size"],
+                      length_penalty=settings["length_penalty"], max_tokens=settings["max_tokens"],
+                      max_len_offset=settings["max_len_offset"])
+        return System(name, run, {**settings, "model_class": type(peer.model).__name__,
+                                  "torch_threads": threads,
                                   "attn_implementation": peer.model.config._attn_implementation})
     inter = threads if name.endswith(" inter") else 1
     if name.startswith("mtkit"):
         quantize = "int8" if "int8" in name else None
         stopping = "bound" if name.endswith(" bound") else "finished"
-        translator = Translator.load(model, device, quantize=quantize, workers=inter, beam_size=settings["beam_size"],
-                                     length_penalty=settings["length_penalty"], max_tokens=settings["max_tokens"],
-                                     stopping=stopping)
+        translator = Translator.load(model, device, quantize=quantize, workers=inter,
+                                     beam_size=settings["beam_size"],
+                                     length_penalty=settings["length_penalty"],
+                                     max_tokens=settings["max_tokens"], stopping=stopping)
         if translator.device.type == "cpu":
             tune_process()  # as `mtkit translate` does
         return System(name, translator.translate, {**settings, "quantize": quantize, "workers": inter,
@@ -148,8 +154,9 @@ def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: 
                                                    "stopping": stopping})
     compute_type = name.split()[1]
     ct2 = load_ct2(ct2_dir, device, compute_type, threads=threads // inter, inter_threads=inter)
-    run = partial(ct2_translate, ct2, beam_size=settings["beam_size"], length_penalty=settings["length_penalty"],
-                  max_tokens=settings["max_tokens"], max_len_offset=settings["max_len_offset"])
+    run = partial(ct2_translate, ct2, beam_size=settings["beam_size"],
+                  length_penalty=settings["length_penalty"], max_tokens=settings["max_tokens"],
+                  max_len_offset=settings["max_len_offset"])
     return System(name, run, {**settings, "compute_type": compute_type, "intra_threads": threads // inter,
                               "inter_threads": inter})
 
@@ -167,7 +174,8 @@ def _worker(conn, name: str, lines: list[str], build: tuple) -> None:
         conn.send((time.perf_counter() - start, out, system.settings))
 
 
-def benchmark(build: tuple, lines: list[str], repeats: int, names: tuple[str, ...]) -> tuple[dict, dict, dict]:
+def benchmark(build: tuple, lines: list[str], repeats: int,
+              names: tuple[str, ...]) -> tuple[dict, dict, dict]:
     """Every system in its own process (two engines in one process slowed each other by 20-30%
     here: shared allocator and thread pools), timed alternately (A B C D A B C D ...)."""
     ctx = multiprocessing.get_context("spawn")
@@ -209,7 +217,8 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarize(secs: list[float], out: list[str], refs: list[str], reference: list[str], pieces: Callable) -> dict:
+def summarize(secs: list[float], out: list[str], refs: list[str], reference: list[str],
+              pieces: Callable) -> dict:
     """Throughput, BLEU and agreement with mtkit fp32 (`reference`) of one system."""
     n_tokens = sum(len(p) for p in pieces(out))
     bleu = score(out, [refs], metrics=("bleu",))
@@ -250,13 +259,14 @@ def report(result: dict) -> str:
     if result["ratio_int8"] is not None:
         lines.append(f"ratio mtkit/ct2 sentences/s, int8: {result['ratio_int8']:.3f}")
     if result["ratio_inter"] is not None:
-        lines.append(f"ratio mtkit/ct2 sentences/s, fp32, one batch per thread ('inter'): {result['ratio_inter']:.3f}")
+        lines.append("ratio mtkit/ct2 sentences/s, fp32, one batch per thread ('inter'): "
+                     f"{result['ratio_inter']:.3f}")
     if result["ratio_transformers"] is not None:
         lines.append(f"ratio mtkit/transformers sentences/s, fp32: {result['ratio_transformers']:.3f}")
     lines += [f"skipped: {x}" for x in result["skipped"]]
-    lines.append(f"BLEU: {next(iter(result['systems'].values()))['bleu_signature']}; '= mtkit': share of lines "
-                 "identical to mtkit fp32's; CTranslate2's and transformers' length penalty is length ** alpha, "
-                 "mtkit's GNMT's ((5 + length) / 6) ** alpha")
+    lines.append(f"BLEU: {next(iter(result['systems'].values()))['bleu_signature']}; '= mtkit': share of "
+                 "lines identical to mtkit fp32's; CTranslate2's and transformers' length penalty is "
+                 "length ** alpha, mtkit's GNMT's ((5 + length) / 6) ** alpha")
     return "\n".join(lines)
 
 
@@ -286,8 +296,8 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
         skipped.append(f"{HF}: transformers is not importable ({HF_INSTALL})")
     else:
         names += (HF,)
-    seconds, outputs, used = benchmark((path, ct2_dir, settings, args.threads, args.device), src, args.repeats,
-                                       names)
+    seconds, outputs, used = benchmark((path, ct2_dir, settings, args.threads, args.device), src,
+                                       args.repeats, names)
     if HF in used:
         other_peers.append({"name": "transformers", "version": hf_version, "model": used[HF]["model_class"],
                             "system": HF, "differences": HF_DIFFERENCES})
@@ -295,10 +305,10 @@ def run(args: argparse.Namespace, ct2_dir: Path) -> dict:
     summaries = {name: summarize(seconds[name], outputs[name], refs, outputs["mtkit fp32"], tgt_spm.encode)
                  for name in seconds}
     per_repeat = [c / m for m, c in zip(seconds["mtkit fp32"], seconds["ct2 float32"])]
-    setup = {"model": str(args.model), "checkpoint": str(path), "step": state.get("step"), "src": str(args.src),
-             "ref": str(args.ref), "lines": len(src), "beam": args.beam, **decode, "repeats": args.repeats,
-             "warmup_lines": len(src), "pause_s": PAUSE_S, "threads": args.threads, "device": args.device,
-             "settings": used, "isolation": "one process per system, alternated"}
+    setup = {"model": str(args.model), "checkpoint": str(path), "step": state.get("step"),
+             "src": str(args.src), "ref": str(args.ref), "lines": len(src), "beam": args.beam, **decode,
+             "repeats": args.repeats, "warmup_lines": len(src), "pause_s": PAUSE_S, "threads": args.threads,
+             "device": args.device, "settings": used, "isolation": "one process per system, alternated"}
     return {"benchmark": "translate", "ratio": ratio(summaries, "mtkit fp32", "ct2 float32"),
             "ratio_metric": "sentences/s, mtkit fp32 / ctranslate2 float32 (medians)",
             "ratio_per_repeat": per_repeat, "ratio_int8": ratio(summaries, "mtkit int8", "ct2 int8"),
@@ -315,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ctranslate2  # noqa: F401
     except ImportError:
-        print('bench_translate: error: the peer needs CTranslate2; install it with\n    pip install "mtkit[ct2]"',
-              file=sys.stderr)
+        print('bench_translate: error: the peer needs CTranslate2; install it with\n'
+              '    pip install "mtkit[ct2]"', file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="mtkit-ct2-") as tmp:
         return finish("bench_translate", lambda: run(args, Path(tmp) / "model"), report, args.out)

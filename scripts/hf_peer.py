@@ -32,10 +32,12 @@ from mtkit.model import sinusoids
 INSTALL = 'pip install "mtkit[bench]"'
 DIFFERENCES = [
     ("length penalty: transformers divides a finished beam's log-probability by length ** alpha, mtkit by "
-     "((5 + length) / 6) ** alpha (Wu et al. 2016); the same alpha is passed to both, so beam outputs may differ"),
-    "stopping: early_stopping=True, a sentence ends once beam_size hypotheses have (mtkit with early_exit off)",
-    ("length limit: one max_new_tokens per generate call (the batch's largest source + offset), with EOS forced "
-     "at it; outputs are cut to mtkit's per-sentence limit: exact for greedy search, close for beam"),
+     "((5 + length) / 6) ** alpha (Wu et al. 2016); the same alpha is passed to both, so beam outputs "
+     "may differ"),
+    ("stopping: early_stopping=True, a sentence ends once beam_size hypotheses have "
+     "(mtkit with early_exit off)"),
+    ("length limit: one max_new_tokens per generate call (the batch's largest source + offset), with EOS "
+     "forced at it; outputs are cut to mtkit's per-sentence limit: exact for greedy search, close for beam"),
     "long lines: a source longer than the model's positions is truncated, not translated in pieces",
 ]
 
@@ -66,9 +68,11 @@ def _hf_config(cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> Any:
     if cfg.norm == "pre":
         if src_vocab != tgt_vocab:
             raise ValueError("pre-norm models convert to M2M100, which has one vocabulary; this one has two")
-        return transformers.M2M100Config(vocab_size=src_vocab, tie_word_embeddings=cfg.share_embeddings, **common)
+        return transformers.M2M100Config(vocab_size=src_vocab, tie_word_embeddings=cfg.share_embeddings,
+                                         **common)
     return transformers.MarianConfig(
-        vocab_size=src_vocab, decoder_vocab_size=tgt_vocab, share_encoder_decoder_embeddings=cfg.share_embeddings,
+        vocab_size=src_vocab, decoder_vocab_size=tgt_vocab,
+        share_encoder_decoder_embeddings=cfg.share_embeddings,
         tie_word_embeddings=True, **common)  # mtkit's output projection is always the target embedding
 
 
@@ -83,10 +87,12 @@ def _layer_names(n_layers: int, pre: bool) -> dict[str, str]:
             names[f"decoder.{i}.self_attn.{ours}"] = f"{dec}.self_attn.{theirs}"
             names[f"decoder.{i}.cross_attn.{ours}"] = f"{dec}.encoder_attn.{theirs}"
         # Both libraries keep one LayerNorm per sublayer, before it (pre-norm) or after the sum (post).
-        names |= {f"encoder.{i}.res1.norm": f"{enc}.self_attn_layer_norm", f"encoder.{i}.res2.norm":
-                  f"{enc}.final_layer_norm", f"encoder.{i}.ffn.w1": f"{enc}.fc1", f"encoder.{i}.ffn.w2": f"{enc}.fc2",
-                  f"decoder.{i}.res1.norm": f"{dec}.self_attn_layer_norm", f"decoder.{i}.res2.norm":
-                  f"{dec}.encoder_attn_layer_norm", f"decoder.{i}.res3.norm": f"{dec}.final_layer_norm",
+        names |= {f"encoder.{i}.res1.norm": f"{enc}.self_attn_layer_norm",
+                  f"encoder.{i}.res2.norm": f"{enc}.final_layer_norm",
+                  f"encoder.{i}.ffn.w1": f"{enc}.fc1", f"encoder.{i}.ffn.w2": f"{enc}.fc2",
+                  f"decoder.{i}.res1.norm": f"{dec}.self_attn_layer_norm",
+                  f"decoder.{i}.res2.norm": f"{dec}.encoder_attn_layer_norm",
+                  f"decoder.{i}.res3.norm": f"{dec}.final_layer_norm",
                   f"decoder.{i}.ffn.w1": f"{dec}.fc1", f"decoder.{i}.ffn.w2": f"{dec}.fc2"}
     if pre:  # the final LayerNorm of each stack (model.py enc_norm / dec_norm)
         names |= {"enc_norm": "encoder.layer_norm", "dec_norm": "decoder.layer_norm"}

@@ -77,13 +77,14 @@ def untrained_checkpoint(work: Path, **model) -> Path:
     raw = {"data": {"dir": str(work), "splits": {"train": "train.{lang}", "valid": "train.{lang}"},
                     "src_lang": "xx", "tgt_lang": "yy", "prepared_dir": str(work / "prepared")},
            "tokenizer": {"vocab_size": 320},
-           "model": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 2, "dropout": 0.0, "max_positions": 64,
-                     **model},
+           "model": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 2, "dropout": 0.0,
+                     "max_positions": 64, **model},
            "decode": {"beam_size": 3, "max_len_offset": 6}}
     cfg = config_from_dict(raw)
     vocab = PreparedData(prepare(cfg)).vocab
     torch.manual_seed(0)
     weights = Transformer(cfg.model, vocab.src_size, vocab.tgt_size).state_dict()
     path = work / "untrained.pt"
-    save_checkpoint({"model": weights, "config": config_to_dict(cfg), "vocab": vocab.to_state(), "step": 0}, path)
+    save_checkpoint({"model": weights, "config": config_to_dict(cfg), "vocab": vocab.to_state(),
+                     "step": 0}, path)
     return path

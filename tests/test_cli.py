@@ -85,7 +85,8 @@ def test_an_internal_error_prints_a_plain_traceback_without_local_variables(tmp_
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=ENV,
                           timeout=120)
     assert proc.returncode == 1
-    assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError: internal failure" in proc.stderr
+    assert ("Traceback (most recent call last)" in proc.stderr
+            and "RuntimeError: internal failure" in proc.stderr)
     assert secret not in proc.stderr and "╭" not in proc.stderr  # no pretty box with locals
 
 
@@ -121,7 +122,8 @@ def _run_on_pty(args: list[str], cwd: Path, stdin_pty: bool = False, send: list[
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal's size
     kw = {"stdin": slave} if stdin_pty else {"stderr": slave, "stdin": subprocess.DEVNULL}
-    proc = subprocess.Popen([sys.executable, "-m", "mtkit", *args], cwd=cwd, stdout=subprocess.PIPE, env=ENV, **kw)
+    proc = subprocess.Popen([sys.executable, "-m", "mtkit", *args], cwd=cwd, stdout=subprocess.PIPE, env=ENV,
+                            **kw)
     os.close(slave)
     shown, lines, pending, deadline = b"", [], list(send), time.time() + timeout
     out_buf = b""
@@ -175,7 +177,8 @@ def test_max_time_stops_on_time_with_a_checkpoint_and_resume_continues(work, tmp
     log = records(tmp_path / "timed" / "log.jsonl")
     stopped = log[-1]
     assert "max_time" in stopped["stopped"] and stopped["step"] > 20
-    assert any(r.get("valid_bleu") is not None and r["step"] == stopped["step"] for r in log)  # final validation
+    assert any(r.get("valid_bleu") is not None and r["step"] == stopped["step"]
+               for r in log)  # final validation
     assert (tmp_path / "timed" / "checkpoints" / f"step_{stopped['step']:08d}.pt").is_file()
     second = mtkit("train", "run.yaml", *cfg, "--set", "train.max_time=2", "--resume", cwd=work)
     assert second.returncode == 0, second.stderr

@@ -40,7 +40,8 @@ def test_every_shipped_config_loads_and_sets_every_key(path):
 
 
 def test_paper_configs_have_table_3_dimensions():
-    base, big = load_config(ROOT / "configs/transformer_base.yaml"), load_config(ROOT / "configs/transformer_big.yaml")
+    base, big = (load_config(ROOT / "configs/transformer_base.yaml"),
+                 load_config(ROOT / "configs/transformer_big.yaml"))
     assert (base.model.d_model, base.model.d_ff, base.model.n_heads, base.model.n_layers) == (512, 2048, 8, 6)
     assert (big.model.d_model, big.model.d_ff, big.model.n_heads, big.model.dropout) == (1024, 4096, 16, 0.3)
     for cfg in (base, big):
@@ -94,7 +95,8 @@ def test_missing_file_is_named(tmp_path):
 
 def test_overrides_apply_with_yaml_types_and_unknown_ones_are_rejected(tmp_path):
     path = write(tmp_path, MINIMAL)
-    cfg = load_config(path, ["model.n_layers=3", "train.clip_norm=1", "model.norm=pre", "train.patience=null"])
+    cfg = load_config(path, ["model.n_layers=3", "train.clip_norm=1", "model.norm=pre",
+                             "train.patience=null"])
     assert cfg.model.n_layers == 3 and cfg.train.clip_norm == 1.0 and cfg.model.norm == "pre"
     assert cfg.train.patience is None
     with pytest.raises(UserError, match="model.n_layer'"):

@@ -23,10 +23,12 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def _config(tmp_path: Path) -> dict:
     return {
-        "data": {"format": "text", "dir": str(tmp_path), "splits": {"train": "train.{lang}", "valid": "valid.{lang}"},
+        "data": {"format": "text", "dir": str(tmp_path),
+                 "splits": {"train": "train.{lang}", "valid": "valid.{lang}"},
                  "src_lang": "xx", "tgt_lang": "yy", "prepared_dir": str(tmp_path / "prepared")},
         "tokenizer": {"vocab_size": 60, "byte_fallback": False},
-        "model": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 1, "dropout": 0.0, "max_positions": 128},
+        "model": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 1, "dropout": 0.0,
+                  "max_positions": 128},
         "train": {"max_tokens": 200, "max_steps": 12, "warmup_steps": 4, "log_every": 1, "valid_every": 6,
                   "valid_bleu_sentences": 4, "precision": "fp32", "device": "cpu", "threads": 1, "seed": 3},
         "decode": {"beam_size": 2, "max_len_offset": 5},
@@ -37,9 +39,10 @@ def _train(tmp_path: Path, run: str, nproc: int, accum: int) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     sets = ["--set", f"train.run_dir={tmp_path / run}", "--set", f"train.accum_steps={accum}"]
     launcher = [sys.executable, "-m", "mtkit"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mtkit"]
-    proc = subprocess.run([*launcher, "train", str(tmp_path / "run.yaml"), *sets], capture_output=True, text=True,
-                          env=env, timeout=300)
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "mtkit"]
+    proc = subprocess.run([*launcher, "train", str(tmp_path / "run.yaml"), *sets], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
 
@@ -61,10 +64,12 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
         assert b == pytest.approx(a, rel=1e-4)
     assert curve(single)[-1][1] < curve(single)[0][1]  # it learned: the comparison is not of constants
     # the same tokens were seen: throughput counts and padding agree
-    assert [r["padding"] for r in ddp if "loss" in r] == pytest.approx([r["padding"] for r in single if "loss" in r])
+    assert ([r["padding"] for r in ddp if "loss" in r]
+            == pytest.approx([r["padding"] for r in single if "loss" in r]))
 
     # rank 0 alone wrote: one set of checkpoints, one log line per step, and the same weights
-    assert [p.name for p in step_checkpoints(tmp_path / "ddp" / "checkpoints")] == ["step_00000006.pt", "step_00000012.pt"]
+    assert ([p.name for p in step_checkpoints(tmp_path / "ddp" / "checkpoints")]
+            == ["step_00000006.pt", "step_00000012.pt"])
     w1 = load_checkpoint(tmp_path / "single" / "checkpoints" / "step_00000012.pt")["model"]
     w2 = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000012.pt")["model"]
     for key in w1:

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    spec = importlib.util.spec_from_file_location("config_reference",
+                                                  ROOT / "scripts" / "config_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -22,7 +23,8 @@ def _generator():
 def test_configuration_reference_is_current():
     generated = _generator().generate()
     current = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    assert current == generated, "docs/configuration.md is out of date: run python3 scripts/config_reference.py"
+    assert current == generated, ("docs/configuration.md is out of date: "
+                                  "run python3 scripts/config_reference.py")
 
 
 def test_every_config_field_has_a_docstring():
@@ -33,13 +35,15 @@ def test_every_config_field_has_a_docstring():
     for cls in classes:
         docs = gen.field_docs(cls)
         for f in dataclasses.fields(cls):
-            assert docs.get(f.name, "").strip(), f"{cls.__name__}.{f.name} has no docstring in src/mtkit/config.py"
+            assert docs.get(f.name, "").strip(), (f"{cls.__name__}.{f.name} has no docstring "
+                                                  "in src/mtkit/config.py")
     assert gen.missing_docs() == []
 
 
 def test_field_docs_sees_a_missing_docstring():
     """The check above would notice a new field without a docstring."""
-    source = 'class DecodeConfig:\n    a: int = 1\n    """Documented."""\n    b: int = 2\n    c: int = 3\n    """C."""\n'
+    source = ('class DecodeConfig:\n    a: int = 1\n    """Documented."""\n'
+              '    b: int = 2\n    c: int = 3\n    """C."""\n')
     cls = type("DecodeConfig", (), {})
     assert _generator().field_docs(cls, source) == {"a": "Documented.", "c": "C."}
 
@@ -52,7 +56,8 @@ def _relative_links(path: Path) -> list[str]:
     text = FENCE.sub("", path.read_text(encoding="utf-8"))
     text = re.sub(r"`[^`\n]*`", "", text)  # code spans are not links
     links = [m.group(1) for m in LINK.finditer(text)]
-    return [link for link in links if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", link) and not link.startswith("#")]
+    return [link for link in links
+            if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", link) and not link.startswith("#")]
 
 
 def test_relative_links_point_to_existing_files():

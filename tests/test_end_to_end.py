@@ -47,7 +47,8 @@ def trained(tmp_path_factory, multi30k):
     data = multi30k
     work = tmp_path_factory.mktemp("e2e")
     write_slice(data, work / "data", "train", N_TRAIN)
-    write_slice(data, work / "data", "val", N_TRAIN)  # validate on the training slice: memorisation is the aim
+    # validate on the training slice: memorisation is the aim
+    write_slice(data, work / "data", "val", N_TRAIN)
     (work / "data" / "val.de").write_text((work / "data" / "train.de").read_text())
     (work / "data" / "val.en").write_text((work / "data" / "train.en").read_text())
     (work / "run.yaml").write_text(yaml.safe_dump(tiny_run_config(work / "data", 300)))
@@ -68,7 +69,8 @@ def test_loss_falls_and_the_model_reproduces_training_sentences(trained):
     assert (trained / "run" / "config.yaml").is_file()
     bleu = {}
     for run in ("run", "untrained"):
-        out = mtkit("evaluate", "-m", run, "--src", "data/train.de", "--ref", "data/train.en", "--json", cwd=trained)
+        out = mtkit("evaluate", "-m", run, "--src", "data/train.de", "--ref", "data/train.en", "--json",
+                    cwd=trained)
         bleu[run] = json.loads(out.stdout)["bleu"]
     assert bleu["run"] > bleu["untrained"] + 40, bleu
 
@@ -144,7 +146,8 @@ def test_average_writes_a_model_translate_prefers(trained):
     (["prepare", "missing.yaml"], None, "missing.yaml: config file not found"),
     (["train", "run.yaml", "--set", "model.layers=3"], None, "did you mean 'n_layers'"),
     (["translate", "-m", "nowhere"], "x\n", "nowhere: no such checkpoint"),
-    (["evaluate", "--ref", "data/train.en"], "only one line\n", f"has 1 lines but data/train.en has {N_TRAIN}"),
+    (["evaluate", "--ref", "data/train.en"], "only one line\n",
+     f"has 1 lines but data/train.en has {N_TRAIN}"),
     (["translate", "-m", "run"], "bad \udcff\n", "line 1: invalid UTF-8"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(trained, args, stdin, needle):

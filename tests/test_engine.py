@@ -54,7 +54,8 @@ def test_out_of_memory_splits_the_batch_and_gives_the_same_update():
     assert parts == 4  # 6 rows: halves of 3 still fail, quarters of 2 fit
     for (name, a), (_, c) in zip(model.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-5, msg=name)
-    assert not torch.equal(model.encoder[0].ffn.w1.weight, Transformer(tiny_model_config(), V, V).encoder[0].ffn.w1.weight)
+    assert not torch.equal(model.encoder[0].ffn.w1.weight,
+                           Transformer(tiny_model_config(), V, V).encoder[0].ffn.w1.weight)
 
 
 def test_a_non_finite_step_is_skipped_on_the_device():
@@ -70,8 +71,8 @@ def test_a_non_finite_step_is_skipped_on_the_device():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key  # no NaN reached the weights
     after = optimizer.state_dict()["state"]
-    assert all(torch.equal(after[k]["exp_avg"], moments[k]["exp_avg"]) and after[k]["step"] == moments[k]["step"]
-               for k in moments)
+    assert all(torch.equal(after[k]["exp_avg"], moments[k]["exp_avg"])
+               and after[k]["step"] == moments[k]["step"] for k in moments)
     out, _ = train_step(model, optimizer, [b], n_tokens, 1, 1e-2, t, CTX)
     assert out["skipped"].item() == 0.0 and torch.isfinite(out["loss"])
 

@@ -122,14 +122,16 @@ def test_cli_paired_bootstrap_json_keeps_the_top_level_keys(tmp_path):
     ref = write_lines(tmp_path / "ref.txt", refs)
     new = write_lines(tmp_path / "new.txt", refs)
     old = write_lines(tmp_path / "old.txt", [drop_words(r) for r in refs])
-    args = ["evaluate", "--ref", str(ref), "--hyp", str(new), "--baseline", str(old), "--bootstrap-samples", "200"]
+    args = ["evaluate", "--ref", str(ref), "--hyp", str(new), "--baseline", str(old),
+            "--bootstrap-samples", "200"]
     proc = CliRunner().invoke(app, [*args, "--json"])
     assert proc.exit_code == 0, proc.output
     result = json.loads(proc.stdout)
     assert {"bleu", "chrf", "ter", "bleu_lc"} <= set(result) and result["bleu"] == score(refs, [refs])["bleu"]
     assert set(result["signature"]) == {"bleu", "chrf", "ter", "bleu_lc"}
     boot = result["bootstrap"]
-    assert boot["baseline"]["name"] == str(old) and boot["system"]["name"] == str(new) and boot["samples"] == 200
+    assert (boot["baseline"]["name"] == str(old) and boot["system"]["name"] == str(new)
+            and boot["samples"] == 200)
     assert set(boot["system"]["bleu"]) == {"score", "mean", "ci95_half_width", "p_value"}
     assert boot["system"]["bleu"]["p_value"] < 0.05
     text = CliRunner().invoke(app, args).stdout
@@ -141,7 +143,8 @@ def test_cli_baseline_with_other_line_count_is_one_error_line(tmp_path):
     ref = write_lines(tmp_path / "ref.txt", REFS)
     hyp = write_lines(tmp_path / "hyp.txt", HYPS)
     base = write_lines(tmp_path / "base.txt", HYPS[:2])
-    proc = CliRunner().invoke(app, ["evaluate", "--ref", str(ref), "--hyp", str(hyp), "--baseline", str(base)])
+    proc = CliRunner().invoke(app, ["evaluate", "--ref", str(ref), "--hyp", str(hyp),
+                                    "--baseline", str(base)])
     lines = proc.stderr.strip().splitlines()
     assert proc.exit_code == 2 and len(lines) == 1 and proc.stdout == ""
     assert f"{base} has 2 lines but {ref} has 3" in lines[0]

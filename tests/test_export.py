@@ -30,7 +30,8 @@ def raw_config(work: Path, norm: str) -> dict:
     """Two layers (so layer indexing is exercised), trained 300 steps on the reversal task: the outputs are
     partly right, and some repeat a word up to the length limit, which exercises the limit too."""
     return {
-        "data": {"format": "text", "dir": str(work), "splits": {"train": "train.{lang}", "valid": "valid.{lang}"},
+        "data": {"format": "text", "dir": str(work),
+                 "splits": {"train": "train.{lang}", "valid": "valid.{lang}"},
                  "src_lang": "xx", "tgt_lang": "yy", "prepared_dir": str(work / "prepared")},
         "tokenizer": {"vocab_size": 120, "byte_fallback": False},
         "model": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 2, "dropout": 0.0, "max_positions": 64,

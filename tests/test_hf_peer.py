@@ -45,7 +45,8 @@ def pair(src_vocab: int = VOCAB, tgt_vocab: int = VOCAB, eos_scale: float = 1.0,
 CASES = {"pre-norm, shared (M2M100)": {"norm": "pre"},
          "post-norm, shared (Marian)": {"norm": "post"},
          "pre-norm, untied (M2M100)": {"norm": "pre", "share_embeddings": False},
-         "post-norm, untied, two vocabularies (Marian)": {"norm": "post", "share_embeddings": False, "tgt_vocab": 40}}
+         "post-norm, untied, two vocabularies (Marian)": {"norm": "post", "share_embeddings": False,
+                                                          "tgt_vocab": 40}}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -53,7 +54,8 @@ def test_teacher_forced_logits_match(case):
     changes = dict(CASES[case])
     tgt_vocab = changes.pop("tgt_vocab", VOCAB)
     model, hf = pair(tgt_vocab=tgt_vocab, **changes)
-    assert type(hf).__name__ == ("M2M100ForConditionalGeneration" if changes["norm"] == "pre" else "MarianMTModel")
+    assert type(hf).__name__ == ("M2M100ForConditionalGeneration" if changes["norm"] == "pre"
+                                 else "MarianMTModel")
     src = random_batch(5, 1, 12, seed=1, eos=EOS)
     tgt_in = random_batch(5, 1, 9, seed=2, bos=BOS, vocab=tgt_vocab)
     with torch.no_grad():

@@ -31,13 +31,14 @@ KEYS = [
     "data.max_tokens_per_sentence", "data.max_length_ratio", "data.dedup", "data.num_proc", "data.shard_size",
     "tokenizer.type", "tokenizer.vocab_size", "tokenizer.joint", "tokenizer.character_coverage",
     "tokenizer.byte_fallback", "tokenizer.input_sentence_size", "tokenizer.seed",
-    "model.d_model", "model.n_heads", "model.d_ff", "model.n_layers", "model.dropout", "model.attention_dropout",
-    "model.norm", "model.share_embeddings", "model.max_positions",
-    "train.run_dir", "train.seed", "train.max_tokens", "train.accum_steps", "train.pool_size", "train.max_epochs",
-    "train.lr_factor", "train.warmup_steps", "train.adam_betas", "train.adam_eps", "train.weight_decay",
-    "train.label_smoothing", "train.clip_norm", "train.valid_every", "train.valid_bleu_sentences",
-    "train.log_every", "train.keep_last", "train.patience", "train.device", "train.precision", "train.threads",
-    "train.compile", "train.max_time", "decode.beam_size", "decode.length_penalty", "decode.max_len_offset",
+    "model.d_model", "model.n_heads", "model.d_ff", "model.n_layers", "model.dropout",
+    "model.attention_dropout", "model.norm", "model.share_embeddings", "model.max_positions",
+    "train.run_dir", "train.seed", "train.max_tokens", "train.accum_steps", "train.pool_size",
+    "train.max_epochs", "train.lr_factor", "train.warmup_steps", "train.adam_betas", "train.adam_eps",
+    "train.weight_decay", "train.label_smoothing", "train.clip_norm", "train.valid_every",
+    "train.valid_bleu_sentences", "train.log_every", "train.keep_last", "train.patience", "train.device",
+    "train.precision", "train.threads", "train.compile", "train.max_time",
+    "decode.beam_size", "decode.length_penalty", "decode.max_len_offset",
     "decode.max_tokens", "decode.early_exit", "model.nonsense", "nonsense",
 ]
 
@@ -53,7 +54,8 @@ def assert_clean(result, allowed=(0, 2, 130)) -> None:
     assert exc is None or isinstance(exc, SystemExit), f"traceback: {exc!r}\n{result.output[-2000:]}"
     assert result.exit_code in allowed, result.output[-2000:]
     if result.exit_code == 2:
-        errors = [line for line in result.output.splitlines() if line.startswith(("mtkit: error:", "Error", "Usage"))]
+        errors = [line for line in result.output.splitlines()
+                  if line.startswith(("mtkit: error:", "Error", "Usage"))]
         assert errors, result.output[-2000:]
 
 
@@ -94,8 +96,9 @@ def test_generated_configs_prepare_and_train_cleanly(work, overrides, monkeypatc
     # Bounds that keep every example short, whatever was generated above (the last --set wins).
     bounds = ["--set", "train.max_steps=2", "--set", "train.max_time=10", "--set", "train.max_epochs=2"]
     own = ("prepared", "run", ".prepared", "/")
-    own += tuple(str(v) for k, v in overrides if k in ("data.prepared_dir", "train.run_dir") and isinstance(v, str)
-                 and v not in ("", ".", "..", "/", "~", "{lang}") and not v.startswith((".", "/")))
+    own += tuple(str(v) for k, v in overrides if k in ("data.prepared_dir", "train.run_dir")
+                 and isinstance(v, str) and v not in ("", ".", "..", "/", "~", "{lang}")
+                 and not v.startswith((".", "/")))
     before = snapshot(work, own)
     prepared = invoke("-q", "prepare", "run.yaml", *sets, "--force")
     assert_clean(prepared)

@@ -10,9 +10,9 @@ import torch
 
 from conftest import tiny_model_config
 from mtkit.data.vocab import BOS, EOS, PAD
-from mtkit.inference import Backend, install
+from mtkit.inference import Backend, KVCache, install
 from mtkit.inference.cpu import CPUBackend, FusedSelfAttention, SlotCache, cpu_attention, softmax_
-from mtkit.model import KVCache, MultiHeadAttention, Transformer, sdpa
+from mtkit.model import MultiHeadAttention, Transformer, sdpa
 from mtkit.search import _start, beam_search, greedy_search
 
 V = 32

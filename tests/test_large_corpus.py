@@ -42,7 +42,8 @@ def test_streamed_prepare_with_workers_and_shards_equals_the_in_memory_result(tm
     src = [normalize(s) for s in read_lines(tmp_path / "train.xx.gz")]
     tgt = [normalize(t) for t in read_lines(tmp_path / "train.yy.gz")]
     kept = [(s, t) for s, t in zip(src, tgt) if s and t]
-    ids = [(a, b) for a, b in zip(data.vocab.encode_src([s for s, _ in kept]), data.vocab.encode_tgt([t for _, t in kept]))
+    ids = [(a, b) for a, b in zip(data.vocab.encode_src([s for s, _ in kept]),
+                                  data.vocab.encode_tgt([t for _, t in kept]))
            if max(len(a), len(b)) <= 3 * max(1, min(len(a), len(b)))]
     arrays = data.split("train")
     assert len(arrays[0]) == train["pairs"] == len(ids)
@@ -70,9 +71,11 @@ def test_sentencepiece_trains_on_a_bounded_seeded_sample(tmp_path):
               for start in range(0, 1000, 100)]
     sample, seen = sample_pairs(chunks, 50, seed=3)
     assert seen == 1000 and len(sample.items) == 50 == len(set(sample.items))
-    assert sample.items == sample_pairs(chunks, 50, seed=3)[0].items != sample_pairs(chunks, 50, seed=4)[0].items
+    assert (sample.items == sample_pairs(chunks, 50, seed=3)[0].items
+            != sample_pairs(chunks, 50, seed=4)[0].items)
     assert all(sample.items[i][0] == f"s{sample.number(i) - 1}" for i in range(50))  # line numbers follow
-    assert sample_pairs(chunks, 5000, seed=3)[0].items == [p for c in chunks for p in c.items]  # all, in order
+    # asking for more than there are gives all, in order
+    assert sample_pairs(chunks, 5000, seed=3)[0].items == [p for c in chunks for p in c.items]
     write_text_pair(tmp_path, "train", synthetic_pairs(3000), gz=True)
     write_text_pair(tmp_path, "valid", synthetic_pairs(10))
     cfg = cfg_for(tmp_path, "a")
@@ -87,11 +90,13 @@ def test_sentencepiece_trains_on_a_bounded_seeded_sample(tmp_path):
 def test_dedup_drops_exact_duplicate_pairs_and_counts_them(tmp_path, small_chunks):
     pairs = synthetic_pairs(120)
     # repeats across chunks and within one, and a repeat that differs only in whitespace
-    corpus = pairs + pairs[:50] + [pairs[3], pairs[3]] + [(f" {pairs[7][0]} ", pairs[7][1])] + [(pairs[8][0], "OTHER")]
+    corpus = (pairs + pairs[:50] + [pairs[3], pairs[3]] + [(f" {pairs[7][0]} ", pairs[7][1])]
+              + [(pairs[8][0], "OTHER")])
     write_text_pair(tmp_path, "train", corpus, gz=True)
     write_text_pair(tmp_path, "valid", pairs[:5] * 2)
     out = prepare(cfg_for(tmp_path, dedup=True, max_length_ratio=None))
-    unique = list(dict.fromkeys((normalize(s), normalize(t)) for s, t in corpus))  # first occurrences, in order
+    # first occurrences, in order
+    unique = list(dict.fromkeys((normalize(s), normalize(t)) for s, t in corpus))
     assert len(corpus) - len(unique) >= 53
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["dropped"]["duplicate"] == len(corpus) - len(unique)
@@ -100,7 +105,8 @@ def test_dedup_drops_exact_duplicate_pairs_and_counts_them(tmp_path, small_chunk
     assert not [p.name for p in out.iterdir() if "sqlite" in p.name]
     data = PreparedData(out)
     src, tgt = data.split("train")
-    decoded = [(data.vocab.src.decode(src[i].tolist()), data.vocab.tgt.decode(tgt[i].tolist())) for i in range(len(src))]
+    decoded = [(data.vocab.src.decode(src[i].tolist()), data.vocab.tgt.decode(tgt[i].tolist()))
+               for i in range(len(src))]
     assert decoded == unique and decoded[-1] == (pairs[8][0], "OTHER")
 
 
@@ -149,10 +155,12 @@ def test_ranks_share_out_each_step_and_resume_skips_whole_steps():
     per_rank = [list(rank_batches(step_groups(src, tgt, 300, 7, 0, 3, 1500), r, 3)) for r in range(3)]
     assert all(np.array_equal(per_rank[r][k], groups[k][r]) for r in range(3) for k in range(len(groups)))
     later = list(step_groups(src, tgt, 300, 7, 0, 3, 1500, skip=4))
-    assert len(later) == len(groups) - 4 and all(np.array_equal(a[0], b[0]) for a, b in zip(later, groups[4:]))
+    assert (len(later) == len(groups) - 4
+            and all(np.array_equal(a[0], b[0]) for a, b in zip(later, groups[4:])))
 
 
-def test_an_error_in_a_worker_is_one_line_naming_the_file_and_line_and_nothing_is_written(tmp_path, small_chunks):
+def test_an_error_in_a_worker_is_one_line_naming_the_file_and_line_and_nothing_is_written(tmp_path,
+                                                                                          small_chunks):
     pairs = synthetic_pairs(200)
     write_text_pair(tmp_path, "train", pairs, gz=True)
     write_text_pair(tmp_path, "valid", pairs[:100])
@@ -162,7 +170,8 @@ def test_an_error_in_a_worker_is_one_line_naming_the_file_and_line_and_nothing_i
     with pytest.raises(UserError) as err:
         prepare(cfg_for(tmp_path, num_proc=2))
     assert str(err.value) == f"{tmp_path / 'valid.yy'}: line 77: invalid UTF-8 (invalid start byte)"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.xx.gz", "train.yy.gz", "valid.xx", "valid.yy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.xx.gz", "train.yy.gz", "valid.xx",
+                                                          "valid.yy"]
 
 
 def test_a_prepared_directory_of_the_old_layout_is_refused_by_name(tmp_path):

@@ -45,7 +45,8 @@ def trained(work) -> Path:
 
 
 def listing(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
 
 
 # 20. prepare --force replaces only what prepare made, and only once the new one is complete.
@@ -97,8 +98,9 @@ def test_20_prepare_removes_what_a_killed_prepare_left(work, tmp_path):
 # 21. One process per run directory.
 
 def test_21_a_second_train_on_a_busy_run_directory_is_refused_with_the_holders_pid(work, tmp_path):
-    args = ["train", "run.yaml", "--set", f"train.run_dir={tmp_path / 'busy'}", "--set", "train.max_steps=100000",
-            "--set", "train.max_time=60", "--set", "train.valid_every=100000"]
+    args = ["train", "run.yaml", "--set", f"train.run_dir={tmp_path / 'busy'}",
+            "--set", "train.max_steps=100000", "--set", "train.max_time=60",
+            "--set", "train.valid_every=100000"]
     first = subprocess.Popen([sys.executable, "-m", "mtkit", *args], cwd=work, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -106,7 +108,8 @@ def test_21_a_second_train_on_a_busy_run_directory_is_refused_with_the_holders_p
         while not (tmp_path / "busy" / "log.jsonl").exists() and time.time() < deadline:
             time.sleep(0.1)
         for extra in ([], ["--force"], ["--resume", "--force"]):
-            line = one_error(mtkit(*args, *extra, cwd=work), str(tmp_path / "busy"), "in use", f"pid {first.pid}")
+            line = one_error(mtkit(*args, *extra, cwd=work), str(tmp_path / "busy"), "in use",
+                             f"pid {first.pid}")
             assert "--force does not override" in line
         assert first.poll() is None  # the first run goes on, untouched
     finally:
@@ -165,8 +168,9 @@ def test_24_a_fresh_start_does_not_append_to_a_dead_runs_log(work, tmp_path):
     proc = mtkit("train", "run.yaml", "--set", f"train.run_dir={run}", "--set", "train.max_steps=4", cwd=work)
     assert proc.returncode == 0
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and steps.count(1) == 1 and not any(json.loads(line).get("loss") == 9.0
-                                                                     for line in (run / "log.jsonl").read_text().splitlines())
+    assert (steps == sorted(steps) and steps.count(1) == 1
+            and not any(json.loads(line).get("loss") == 9.0
+                        for line in (run / "log.jsonl").read_text().splitlines()))
 
 
 # 25. Operating-system errors are one line naming the file and the cause, and leave no half-file.
@@ -199,12 +203,14 @@ def test_25_a_gz_corpus_corrupted_mid_stream_names_the_file(tmp_path):
 
 def test_25_an_os_error_on_a_user_path_is_one_line(work, tmp_path):
     code = ("import errno, os, sys, mtkit.cli as c, mtkit.evaluate as e\n"
-            "def full(*a, **k):\n    raise OSError(errno.EROFS, 'Read-only file system', 'runs/x/log.jsonl')\n"
+            "def full(*a, **k):\n"
+            "    raise OSError(errno.EROFS, 'Read-only file system', 'runs/x/log.jsonl')\n"
             "e.score = full\n"
             "sys.argv = ['mtkit', 'evaluate', '--ref', 'r.txt', '--hyp', 'r.txt']\n"
             "c.run()\n")
     (tmp_path / "r.txt").write_text("a\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, env=ENV, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, env=ENV,
+                          timeout=120)
     one_error(proc, "runs/x/log.jsonl", "read-only file system")
 
 
@@ -259,8 +265,8 @@ def test_27_an_empty_validation_split_or_short_positions_are_one_line_before_tra
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     assert mtkit("prepare", "run.yaml", cwd=tmp_path).returncode == 0
     one_error(mtkit("train", "run.yaml", cwd=tmp_path), "validation split is empty")
-    one_error(mtkit("train", "run.yaml", "--set", "model.max_positions=4", cwd=work), "model.max_positions (4)",
-              "longest sentence")
+    one_error(mtkit("train", "run.yaml", "--set", "model.max_positions=4", cwd=work),
+              "model.max_positions (4)", "longest sentence")
     assert not (tmp_path / "run").exists()
 
 
@@ -353,7 +359,8 @@ def test_29_a_moved_run_directory_resumes_without_force(work, trained, tmp_path)
 
 
 def test_30_exponents_without_a_dot_are_numbers(tmp_path):
-    (tmp_path / "c.yaml").write_text("data: {splits: {train: t, valid: v}}\ntrain: {lr_factor: 1e0, adam_eps: 1e-9}\n")
+    (tmp_path / "c.yaml").write_text("data: {splits: {train: t, valid: v}}\n"
+                                     "train: {lr_factor: 1e0, adam_eps: 1e-9}\n")
     cfg = load_config(tmp_path / "c.yaml", ["train.max_time=1e3"])
     assert cfg.train.adam_eps == 1e-9 and cfg.train.lr_factor == 1.0 and cfg.train.max_time == 1000.0
 

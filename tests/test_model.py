@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import tiny_model_config
 from mtkit.config import ModelConfig
 from mtkit.data.vocab import BOS, EOS, PAD
-from mtkit.model import KVCache, MultiHeadAttention, Transformer, count_parameters, sinusoids
+from mtkit.inference import KVCache
+from mtkit.model import MultiHeadAttention, Transformer, count_parameters, sinusoids
 from mtkit.search import beam_search, greedy_search, length_penalty
 
 V = 32
@@ -186,7 +187,7 @@ def test_the_bound_rule_finds_at_least_what_k_finished_finds(alpha):
     fairseq = beam_search(model, src, beam_size=3, alpha=alpha, max_len_offset=10)
     bound = beam_search(model, src, beam_size=3, alpha=alpha, max_len_offset=10, stopping="bound")
     exhaustive = beam_search(model, src, beam_size=3, alpha=alpha, max_len_offset=10, stopping="bound",
-                             nbest=3)  # needs 3 hypotheses that beat every live one: searches at least as long
+                             nbest=3)  # needs 3 hypotheses beating every live one: searches at least as long
     for a, b, c in zip(fairseq, bound, exhaustive):
         assert b[0].score >= a[0].score - 1e-4  # batches of other sizes: float noise
         assert c[0].tokens == b[0].tokens and c[0].score == pytest.approx(b[0].score, abs=1e-4)

@@ -51,10 +51,12 @@ def one_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 def raw_config(work: Path, **train) -> dict:
     return {
-        "data": {"format": "text", "dir": str(work), "splits": {"train": "train.{lang}", "valid": "valid.{lang}"},
+        "data": {"format": "text", "dir": str(work),
+                 "splits": {"train": "train.{lang}", "valid": "valid.{lang}"},
                  "src_lang": "xx", "tgt_lang": "yy", "prepared_dir": str(work / "prepared")},
         "tokenizer": {"vocab_size": 320, "byte_fallback": True},
-        "model": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 1, "dropout": 0.1, "max_positions": 64},
+        "model": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 1, "dropout": 0.1,
+                  "max_positions": 64},
         "train": {"max_tokens": 300, "max_steps": 12, "warmup_steps": 4, "log_every": 1, "valid_every": 4,
                   "valid_bleu_sentences": 4, "precision": "fp32", "device": "cpu", "threads": 1, "seed": 5,
                   "run_dir": str(work / "run"), **train},
@@ -95,8 +97,8 @@ def translator(work) -> Translator:
     data = PreparedData(cfg.data.prepared_dir)
     torch.manual_seed(0)
     model = Transformer(cfg.model, data.vocab.src_size, data.vocab.tgt_size)
-    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "vocab": data.vocab.to_state(),
-                     "step": 0}, work / "untrained.pt")
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg),
+                     "vocab": data.vocab.to_state(), "step": 0}, work / "untrained.pt")
     return Translator.load(work / "untrained.pt", "cpu")
 
 
@@ -133,7 +135,8 @@ def test_02_file_size_limit_while_saving_is_one_line_and_keeps_the_old_checkpoin
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = mtkit("train", "run.yaml", "--resume", "--set", "train.max_steps=16", cwd=work, preexec_fn=small_files)
+    proc = mtkit("train", "run.yaml", "--resume", "--set", "train.max_steps=16", cwd=work,
+                 preexec_fn=small_files)
     one_error(proc, "step_00000016.pt", "cannot write checkpoint", "untouched")
     assert step_checkpoints(trained / "checkpoints")[-1] == newest
     assert load_checkpoint(newest)["step"] == 12
@@ -201,8 +204,8 @@ def test_05_resume_after_a_kill_gives_the_same_losses_bit_for_bit(work, trained)
 
 
 def test_06_resume_with_a_changed_config_lists_the_keys_unless_forced(work, trained):
-    proc = mtkit("train", "run.yaml", "--resume", "--set", "model.d_ff=128", "--set", "train.label_smoothing=0.2",
-                 cwd=work)
+    proc = mtkit("train", "run.yaml", "--resume", "--set", "model.d_ff=128",
+                 "--set", "train.label_smoothing=0.2", cwd=work)
     one_error(proc, "model.d_ff", "train.label_smoothing", "--force")
     forced = mtkit("train", "run.yaml", "--resume", "--force", "--set", "train.label_smoothing=0.2", cwd=work)
     assert forced.returncode == 0, forced.stderr.decode()[-2000:]
@@ -232,7 +235,8 @@ def test_09_lines_are_counted_by_newline_only(work, translator):
 
 def test_10_invalid_utf8_names_the_line_or_is_replaced_on_request(work, translator):
     data = b"the dog\nbad \xff\xfe cat\nthe man\n"
-    one_error(mtkit("translate", "-m", "untrained.pt", cwd=work, stdin=data), "<stdin>: line 2: invalid UTF-8")
+    one_error(mtkit("translate", "-m", "untrained.pt", cwd=work, stdin=data),
+              "<stdin>: line 2: invalid UTF-8")
     proc = mtkit("translate", "-m", "untrained.pt", "--errors", "replace", cwd=work, stdin=data)
     assert proc.returncode == 0 and proc.stdout.count(b"\n") == 3
     assert b"replaced by U+FFFD in 1 line(s), first line 2" in proc.stderr
@@ -368,7 +372,8 @@ def test_18_ctrl_c_in_prepare_or_train_leaves_nothing_half_written(tmp_path, wor
 
 
 def test_19_missing_or_wrong_paths_are_one_line_naming_them(work, trained, tmp_path):
-    one_error(mtkit("translate", "-m", str(trained), "--input", "nowhere.txt", cwd=work), "nowhere.txt: file not found")
+    one_error(mtkit("translate", "-m", str(trained), "--input", "nowhere.txt", cwd=work),
+              "nowhere.txt: file not found")
     (tmp_path / "a-file").write_text("x")
     proc = mtkit("translate", "-m", str(trained), "--output", str(tmp_path / "a-file" / "out.txt"), cwd=work,
                  stdin=b"the dog\n")
@@ -380,4 +385,5 @@ def test_19_missing_or_wrong_paths_are_one_line_naming_them(work, trained, tmp_p
     raw["data"]["prepared_dir"] = str(tmp_path / "a-file")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     one_error(mtkit("train", "bad.yaml", cwd=tmp_path), str(tmp_path / "a-file"), "mtkit prepare")
-    one_error(mtkit("evaluate", "--ref", "no-ref.txt", cwd=tmp_path, stdin=b"x\n"), "no-ref.txt: file not found")
+    one_error(mtkit("evaluate", "--ref", "no-ref.txt", cwd=tmp_path, stdin=b"x\n"),
+              "no-ref.txt: file not found")

@@ -43,8 +43,8 @@ def test_ten_thousand_lines_through_a_pipe_keep_count_and_order(checkpoint):
 
 
 def test_output_starts_before_the_input_ends(checkpoint):
-    proc = subprocess.Popen([sys.executable, "-m", "mtkit", "-q", "translate", "-m", str(checkpoint), "--window", "2"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen([sys.executable, "-m", "mtkit", "-q", "translate", "-m", str(checkpoint),
+                             "--window", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=ENV)
     try:
         proc.stdin.write(b"the dog runs\na red house\nthe cat\n")
         proc.stdin.flush()
@@ -76,8 +76,9 @@ def test_worker_processes_translate_as_one_process(checkpoint):
     assert not two._pool.started and not any(p.is_alive() for p in processes)  # the block's end stopped them
     assert [[t for t, _ in n] for n in got] == [[t for t, _ in n] for n in expected]
     assert [[s for _, s in n] for n in got] == [[pytest.approx(s, rel=1e-5) for _, s in n] for n in expected]
-    proc = subprocess.run([sys.executable, "-m", "mtkit", "-q", "translate", "-m", str(checkpoint), "--workers", "2",
-                           "--max-tokens", "60"], input="".join(f"{line}\n" for line in lines).encode(),
+    proc = subprocess.run([sys.executable, "-m", "mtkit", "-q", "translate", "-m", str(checkpoint),
+                           "--workers", "2", "--max-tokens", "60"],
+                          input="".join(f"{line}\n" for line in lines).encode(),
                           capture_output=True, env=ENV, timeout=300)
     assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode()[-2000:]
     assert proc.stdout.decode().split("\n")[:-1] == [n[0][0] for n in expected]

@@ -21,9 +21,11 @@ app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, pretty_exceptions
                        "prepare -> train -> translate -> evaluate. Logs go to stderr, data to stdout.")
 log = logging.getLogger("mtkit")
 
-ConfigArg = Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config (YAML), e.g. configs/quickstart_cpu.yaml.")]
+ConfigArg = Annotated[Path, typer.Argument(metavar="CONFIG",
+                                           help="Run config (YAML), e.g. configs/quickstart_cpu.yaml.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", "-s", metavar="KEY=VALUE", help="Override a config field, KEY=VALUE (repeatable), e.g. --set model.n_layers=3.")]
+    "--set", "-s", metavar="KEY=VALUE",
+    help="Override a config field, KEY=VALUE (repeatable), e.g. --set model.n_layers=3.")]
 ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="Checkpoint file, or run directory (its averaged.pt, else best.pt).")]
 
@@ -66,10 +68,12 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+def main(quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                             help="Only warnings and errors on stderr.")] = False,
          version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                               help="Print the versions of mtkit, torch (with its CUDA or CPU "
-                                                    "build), sentencepiece and sacrebleu, and exit.")] = False):
+                                               help="Print the versions of mtkit, torch (with its "
+                                                    "CUDA or CPU build), sentencepiece and sacrebleu, "
+                                                    "and exit.")] = False):
     """Set up logging to stderr."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr, force=True,
                         format="mtkit: %(message)s")
@@ -86,7 +90,8 @@ def _read_input(path: Path | None, errors: Literal["strict", "replace"] = "stric
 @app.command()
 @_errors_to_exit
 def prepare(config: ConfigArg, set_: SetOpt = None,
-            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing prepared directory.")] = False):
+            force: Annotated[bool, typer.Option("--force",
+                                                help="Overwrite an existing prepared directory.")] = False):
     """Read, clean, train SentencePiece and binarize a parallel corpus into data.prepared_dir."""
     from mtkit.config import load_config
     from mtkit.prepare import prepare as run_prepare
@@ -97,8 +102,10 @@ def prepare(config: ConfigArg, set_: SetOpt = None,
 @app.command()
 @_errors_to_exit
 def train(config: ConfigArg, set_: SetOpt = None,
-          resume: Annotated[bool, typer.Option("--resume", help="Continue the run in train.run_dir from its newest checkpoint.")] = False,
-          force: Annotated[bool, typer.Option("--force", help="Start over in a used run_dir, or resume despite config changes.")] = False):
+          resume: Annotated[bool, typer.Option("--resume", help=(
+              "Continue the run in train.run_dir from its newest checkpoint."))] = False,
+          force: Annotated[bool, typer.Option("--force", help=(
+              "Start over in a used run_dir, or resume despite config changes."))] = False):
     """Train a Transformer on prepared data; checkpoints, logs and curves go to train.run_dir."""
     from mtkit.config import load_config
     from mtkit.train import train as run_train
@@ -124,30 +131,56 @@ def _load_translator(model: Path | None, beam: int | None, alpha: float | None, 
     return translator
 
 
-BeamOpt = Annotated[Optional[int], typer.Option("--beam", "-b", min=1, help="Beam size (default: the model's decode.beam_size).")]
-AlphaOpt = Annotated[Optional[float], typer.Option("--length-penalty", "-a", min=0.0, max=10.0, help="Length penalty alpha (default: decode.length_penalty).")]
+BeamOpt = Annotated[Optional[int], typer.Option(
+    "--beam", "-b", min=1, help="Beam size (default: the model's decode.beam_size).")]
+AlphaOpt = Annotated[Optional[float], typer.Option(
+    "--length-penalty", "-a", min=0.0, max=10.0,
+    help="Length penalty alpha (default: decode.length_penalty).")]
 GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy search (beam size 1).")]
-MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Token budget per batch (default: decode.max_tokens).")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda[:N]", help="Where to run: auto is CUDA when available, else CPU.")]
+MaxTokOpt = Annotated[Optional[int], typer.Option(
+    "--max-tokens", min=1, help="Token budget per batch (default: decode.max_tokens).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar="auto|cpu|cuda[:N]", help="Where to run: auto is CUDA when available, else CPU.")]
 
 
 @app.command()
 @_errors_to_exit
 def translate(model: ModelOpt = None,
-              input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Source text, one sentence per line, plain or .gz (default: stdin).")] = None,
-              output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where translations go (default: stdout; a file is written whole or not at all).")] = None,
+              input: Annotated[Optional[Path], typer.Option("--input", "-i", help=(
+                  "Source text, one sentence per line, plain or .gz (default: stdin)."))] = None,
+              output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
+                  "Where translations go (default: stdout; a file is written whole or not at all)."))] = None,
               beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
-              nbest: Annotated[int, typer.Option("--nbest", "-n", min=1, help="Print the N best: 'index ||| translation ||| score' lines.")] = 1,
+              nbest: Annotated[int, typer.Option("--nbest", "-n", min=1, help=(
+                  "Print the N best: 'index ||| translation ||| score' lines."))] = 1,
               max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto",
-              early_exit: Annotated[Optional[bool], typer.Option("--early-exit/--no-early-exit", help="End a sentence when a step's best candidate is EOS, as CTranslate2 does without length penalty (default: decode.early_exit).")] = None,
-              stopping: Annotated[Optional[str], typer.Option("--stopping", metavar="finished|bound", help="When a sentence's beam search ends: finished, once beam-size hypotheses ended (fairseq); bound, once no live hypothesis can beat the best ended ones (the paper's early termination) (default: decode.stopping).")] = None,
-              quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help="Dynamic int8 quantisation of the linear layers (CPU).")] = None,
-              workers: Annotated[int, typer.Option("--workers", min=1, help="CPU: decode this many batches at once, each in a forked process with one thread (CTranslate2's inter_threads): faster on several cores; in fp32 the same output.")] = 1,
-              window: Annotated[int, typer.Option("--window", min=1, help="Lines read, sorted and translated at a time: output starts after the first window and memory stays bounded on an endless pipe (1 when stdin is a terminal: each line is answered as it is entered).")] = 1000,
-              attention: Annotated[Optional[Path], typer.Option("--attention", metavar="DIR", help="Write DIR/NNNNNN.png per line: encoder-decoder attention heatmap (subwords on the axes).")] = None,
-              alignment: Annotated[Optional[Path], typer.Option("--alignment", metavar="FILE", help="Write the hard alignment (argmax of the attention) per line to FILE, Pharaoh format 'src-tgt' over subwords.")] = None,
-              layer: Annotated[int, typer.Option("--layer", help="Decoder layer for --attention/--alignment (-1: the last).")] = -1,
-              head: Annotated[Optional[int], typer.Option("--head", min=0, help="One attention head for --attention/--alignment (default: the mean of all heads).")] = None,
+              early_exit: Annotated[Optional[bool], typer.Option("--early-exit/--no-early-exit", help=(
+                  "End a sentence when a step's best candidate is EOS, as CTranslate2 does without length "
+                  "penalty (default: decode.early_exit)."))] = None,
+              stopping: Annotated[Optional[str], typer.Option("--stopping", metavar="finished|bound", help=(
+                  "When a sentence's beam search ends: finished, once beam-size hypotheses ended (fairseq); "
+                  "bound, once no live hypothesis can beat the best ended ones (the paper's early "
+                  "termination) (default: decode.stopping)."))] = None,
+              quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="int8", help=(
+                  "Dynamic int8 quantisation of the linear layers (CPU)."))] = None,
+              workers: Annotated[int, typer.Option("--workers", min=1, help=(
+                  "CPU: decode this many batches at once, each in a forked process with one thread "
+                  "(CTranslate2's inter_threads): faster on several cores; in fp32 the same output."))] = 1,
+              window: Annotated[int, typer.Option("--window", min=1, help=(
+                  "Lines read, sorted and translated at a time: output starts after the first window and "
+                  "memory stays bounded on an endless pipe (1 when stdin is a terminal: each line is "
+                  "answered as it is entered)."))] = 1000,
+              attention: Annotated[Optional[Path], typer.Option("--attention", metavar="DIR", help=(
+                  "Write DIR/NNNNNN.png per line: encoder-decoder attention heatmap "
+                  "(subwords on the axes)."))] = None,
+              alignment: Annotated[Optional[Path], typer.Option("--alignment", metavar="FILE", help=(
+                  "Write the hard alignment (argmax of the attention) per line to FILE, Pharaoh format "
+                  "'src-tgt' over subwords."))] = None,
+              layer: Annotated[int, typer.Option("--layer", help=(
+                  "Decoder layer for --attention/--alignment (-1: the last)."))] = -1,
+              head: Annotated[Optional[int], typer.Option("--head", min=0, help=(
+                  "One attention head for --attention/--alignment (default: the mean of all "
+                  "heads)."))] = None,
               errors: Annotated[str, typer.Option("--errors", metavar="strict|replace", help=(
                   "Invalid UTF-8 in the input: strict stops with the line number; replace translates "
                   "it with U+FFFD and warns."))] = "strict"):
@@ -182,21 +215,34 @@ def translate(model: ModelOpt = None,
 
 @app.command()
 @_errors_to_exit
-def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", help="Reference file (repeat for several references).")] = None,
-             hyp: Annotated[Optional[Path], typer.Option("--hyp", help="Hypotheses file (default: stdin, unless -m is given).")] = None,
+def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", help=(
+                 "Reference file (repeat for several references)."))] = None,
+             hyp: Annotated[Optional[Path], typer.Option("--hyp", help=(
+                 "Hypotheses file (default: stdin, unless -m is given)."))] = None,
              model: ModelOpt = None,
-             src: Annotated[Optional[Path], typer.Option("--src", help="With -m: source file to translate, then score.")] = None,
-             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter, bleu_lc, signature; bootstrap if asked).")] = False,
-             baseline: Annotated[Path | None, typer.Option("--baseline", metavar="FILE", help="Baseline system's hypotheses: paired bootstrap test of the hypotheses against it (sacrebleu --paired-bs), printing both systems' BLEU and chrF with bootstrap mean, 95% CI and the p-value of the difference.")] = None,
-             confidence: Annotated[bool, typer.Option("--confidence", help="95% confidence intervals of BLEU and chrF by bootstrap resampling (sacrebleu --confidence); implied by --baseline.")] = False,
-             bootstrap_samples: Annotated[int, typer.Option("--bootstrap-samples", min=1, help="Bootstrap resamples for --baseline / --confidence (sacrebleu's default).")] = 1000,
-             seed: Annotated[int, typer.Option("--seed", min=1, help="Seed of the resampling (sacrebleu's default; sacrebleu takes 0 as unseeded).")] = 12345,
+             src: Annotated[Optional[Path], typer.Option("--src", help=(
+                 "With -m: source file to translate, then score."))] = None,
+             as_json: Annotated[bool, typer.Option("--json", help=(
+                 "Print one JSON object (bleu, chrf, ter, bleu_lc, signature; bootstrap "
+                 "if asked)."))] = False,
+             baseline: Annotated[Path | None, typer.Option("--baseline", metavar="FILE", help=(
+                 "Baseline system's hypotheses: paired bootstrap test of the hypotheses against it "
+                 "(sacrebleu --paired-bs), printing both systems' BLEU and chrF with bootstrap mean, "
+                 "95% CI and the p-value of the difference."))] = None,
+             confidence: Annotated[bool, typer.Option("--confidence", help=(
+                 "95% confidence intervals of BLEU and chrF by bootstrap resampling (sacrebleu "
+                 "--confidence); implied by --baseline."))] = False,
+             bootstrap_samples: Annotated[int, typer.Option("--bootstrap-samples", min=1, help=(
+                 "Bootstrap resamples for --baseline / --confidence (sacrebleu's default)."))] = 1000,
+             seed: Annotated[int, typer.Option("--seed", min=1, help=(
+                 "Seed of the resampling (sacrebleu's default; sacrebleu takes 0 as unseeded)."))] = 12345,
              beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
              max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto"):
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print their signatures.
 
-    BLEU-lc beside them is BLEU of the lowercased text, 13a-tokenized (the figure tutorials report): not comparable
-    to sacreBLEU. Paired significance test: mtkit evaluate --ref REF --hyp NEW.txt --baseline OLD.txt
+    BLEU-lc beside them is BLEU of the lowercased text, 13a-tokenized (the figure tutorials report):
+    not comparable to sacreBLEU. Paired significance test:
+    mtkit evaluate --ref REF --hyp NEW.txt --baseline OLD.txt
     """
     from mtkit.data.corpus import read_lines
     from mtkit.evaluate import bootstrap, check_counts, format_report, score
@@ -212,7 +258,8 @@ def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", he
             raise UserError("-m/--model needs --src, the source file to translate")
         sources = read_lines(src)
         if len(sources) != len(refs[0]):
-            raise UserError(f"{src} has {len(sources)} lines but {ref[0]} has {len(refs[0])}: counts must match")
+            raise UserError(f"{src} has {len(sources)} lines but {ref[0]} has {len(refs[0])}: "
+                            "counts must match")
         with _load_translator(model, beam, length_penalty, greedy, max_tokens, device) as translator:
             hyps, hyp_name = translator.translate(sources), f"translation of {src}"
     else:
@@ -229,9 +276,12 @@ def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", he
 
 @app.command()
 @_errors_to_exit
-def average(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run directory (or its checkpoints/ directory).")],
-            last: Annotated[int, typer.Option("--last", "-k", min=1, help="How many newest step checkpoints to average (the paper: 5).")] = 5,
-            output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: RUN_DIR/checkpoints/averaged.pt).")] = None):
+def average(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help=(
+                "Run directory (or its checkpoints/ directory)."))],
+            last: Annotated[int, typer.Option("--last", "-k", min=1, help=(
+                "How many newest step checkpoints to average (the paper: 5)."))] = 5,
+            output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
+                "Where to write (default: RUN_DIR/checkpoints/averaged.pt)."))] = None):
     """Average the weights of the last K step checkpoints (section 6.1); translate then uses it."""
     from mtkit.checkpoint import AVERAGED, average_checkpoints, save_checkpoint, step_checkpoints
 
@@ -249,10 +299,14 @@ def average(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run
 
 @app.command()
 @_errors_to_exit
-def export(out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory to write the converted model to.")],
+def export(out: Annotated[Path, typer.Argument(metavar="OUT", help=(
+               "Directory to write the converted model to."))],
            model: ModelOpt = None,
-           format: Annotated[str, typer.Option("--format", "-f", metavar="ctranslate2", help="Target engine.")] = "ctranslate2",
-           quantization: Annotated[Optional[str], typer.Option("--quantization", metavar="int8|int8_float32|float16|...", help="CTranslate2 weight type (default: as trained, fp32).")] = None,
+           format: Annotated[str, typer.Option("--format", "-f", metavar="ctranslate2",
+                                               help="Target engine.")] = "ctranslate2",
+           quantization: Annotated[Optional[str], typer.Option(
+               "--quantization", metavar="int8|int8_float32|float16|...",
+               help="CTranslate2 weight type (default: as trained, fp32).")] = None,
            force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False):
     """Convert a checkpoint for CTranslate2 (pip install "mtkit[ct2]"): weights, vocabulary and
     SentencePiece models in OUT, ready for ctranslate2.Translator."""

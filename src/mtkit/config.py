@@ -40,7 +40,8 @@ class DataConfig:
     hub_config: str | None = None
     """`datasets` hub config name, e.g. de-en for wmt14."""
     src_field: str | None = None
-    """Field holding the source text in jsonl/hub records; dots descend (translation.de). Default: src_lang."""
+    """Field holding the source text in jsonl/hub records; dots descend (translation.de).
+    Default: src_lang."""
     tgt_field: str | None = None
     """Field holding the target text in jsonl/hub records. Default: tgt_lang."""
     prepared_dir: str = "prepared/data"
@@ -160,7 +161,8 @@ class TrainConfig:
     threads: int | None = None
     """CPU threads for torch; None: torch's default."""
     compile: bool | Literal["auto"] = "auto"
-    """torch.compile the model for training; auto: on CUDA only (compiling costs more than it saves on CPU)."""
+    """torch.compile the model for training; auto: on CUDA only (compiling costs more than it saves
+    on CPU)."""
 
 
 @dataclass
@@ -328,16 +330,18 @@ def _check(cfg: RunConfig) -> list[str]:
                        ("train.max_epochs", t.max_epochs), ("model.max_positions", m.max_positions)]:
         if isinstance(value, int) and value < 1:
             problems.append(f"{key} must be >= 1, got {value}")
-    for key, value in [("decode.max_len_offset", cfg.decode.max_len_offset), ("tokenizer.seed", cfg.tokenizer.seed),
-                       ("train.seed", t.seed)]:
+    for key, value in [("decode.max_len_offset", cfg.decode.max_len_offset),
+                       ("tokenizer.seed", cfg.tokenizer.seed), ("train.seed", t.seed)]:
         if isinstance(value, int) and value < 0:
             problems.append(f"{key} must be >= 0, got {value}")
     for key, value in [("data.max_length_ratio", d.max_length_ratio), ("train.lr_factor", t.lr_factor),
-                       ("train.clip_norm", t.clip_norm), ("tokenizer.character_coverage", cfg.tokenizer.character_coverage)]:
+                       ("train.clip_norm", t.clip_norm),
+                       ("tokenizer.character_coverage", cfg.tokenizer.character_coverage)]:
         if isinstance(value, float) and not (math.isfinite(value) and value > 0):
             problems.append(f"{key} must be a positive number, got {value}")
     if isinstance(cfg.tokenizer.character_coverage, float) and cfg.tokenizer.character_coverage > 1:
-        problems.append(f"tokenizer.character_coverage must be at most 1, got {cfg.tokenizer.character_coverage}")
+        problems.append(f"tokenizer.character_coverage must be at most 1, "
+                        f"got {cfg.tokenizer.character_coverage}")
     for key, value in [("train.adam_eps", t.adam_eps), ("train.weight_decay", t.weight_decay)]:
         if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
             problems.append(f"{key} must be a number >= 0, got {value}")

@@ -97,12 +97,14 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         lprobs, target = ctx.saved_tensors
         eps = ctx.epsilon
         grad = lprobs.exp().sub_(eps / lprobs.size(-1))  # p - eps / V ...
-        grad.scatter_add_(1, target[:, None], grad.new_full((target.numel(), 1), eps - 1.0))  # ... - (1 - eps) y
+        grad.scatter_add_(1, target[:, None],
+                          grad.new_full((target.numel(), 1), eps - 1.0))  # ... - (1 - eps) y
         grad.mul_(((target != PAD).to(grad.dtype) * grad_loss)[:, None])
         return grad.to(ctx.dtype), None, None
 
 
-def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor,
+                        epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 5.4: cross-entropy against (1 - eps) * one-hot + eps / V; sums over non-pad tokens.
 
     Returns (smoothed loss sum, negative log-likelihood sum, the latter without gradient).
@@ -234,5 +236,6 @@ def probe_max_tokens(model: Transformer, device: torch.device, longest: int, aut
             torch.cuda.empty_cache()
 
     budget = int(fit_max_tokens(fits) * 0.9)
-    log.info("train.max_tokens auto: %d tokens per batch fit on %s", budget, torch.cuda.get_device_name(device))
+    log.info("train.max_tokens auto: %d tokens per batch fit on %s", budget,
+             torch.cuda.get_device_name(device))
     return budget

@@ -14,13 +14,14 @@ from sacrebleu.significance import PairedTest, Result
 from mtkit.errors import UserError
 
 Names = tuple[str, list[str]]  # (hypothesis name, reference names) for error messages
-BOOTSTRAP_METRICS = ("bleu", "chrf")  # TER is left out: slow to resample, and sacrebleu's CLI defaults to BLEU
+BOOTSTRAP_METRICS = ("bleu", "chrf")  # TER left out: slow to resample, and sacrebleu's CLI defaults to BLEU
 LC_NOTE = ("BLEU-lc = BLEU of the lowercased text, 13a-tokenized (the tutorials' convention): "
            "not comparable to the cased sacreBLEU above")
 
 
 def lowercased_bleu(references: list[list[str]] | None = None) -> BLEU:
-    """sacreBLEU lowercased (signature case:lc), 13a tokenization: the tutorials' lowercased tokenized BLEU."""
+    """sacreBLEU lowercased (signature case:lc), 13a tokenization: the tutorials' lowercased
+    tokenized BLEU."""
     return BLEU(lowercase=True, references=references)
 
 
@@ -60,7 +61,8 @@ def score(hyps: list[str], refs: list[list[str]], names: Names | None = None,
 
 @contextmanager
 def _sacrebleu_seeded(seed: int) -> Iterator[None]:
-    """Set $SACREBLEU_SEED (sacrebleu's only seed input) and quiet its INFO lines for the block, then restore."""
+    """Set $SACREBLEU_SEED (sacrebleu's only seed input) and quiet its INFO lines for the block, then
+    restore."""
     old_seed, logger = os.environ.get("SACREBLEU_SEED"), logging.getLogger("sacrebleu")
     old_level = logger.level
     os.environ["SACREBLEU_SEED"] = str(seed)
@@ -86,9 +88,11 @@ def _figures(result: Result) -> dict:
 
 def bootstrap(system: tuple[str, list[str]], refs: list[list[str]], ref_names: list[str],
               baseline: tuple[str, list[str]] | None, samples: int, seed: int) -> dict:
-    """sacrebleu's bootstrap resampling of BLEU and chrF: 95% CIs and, given a baseline, the paired test's p-value.
+    """sacrebleu's bootstrap resampling of BLEU and chrF: 95% CIs and, given a baseline, the paired
+    test's p-value.
 
-    The paired test is sacrebleu's `--paired-bs` (Koehn 2004; Moses' bootstrap-hypothesis-difference-significance.pl).
+    The paired test is sacrebleu's `--paired-bs` (Koehn 2004; Moses'
+    bootstrap-hypothesis-difference-significance.pl).
     `system` and `baseline` are (name, hypotheses); seed must be >= 1 (sacrebleu takes 0 as "unseeded").
     """
     if samples < 1 or seed < 1:
@@ -132,7 +136,8 @@ def format_bootstrap(boot: dict) -> str:
     paired = "baseline" in boot
     test = ("Paired bootstrap resampling (sacrebleu --paired-bs" if paired
             else "Bootstrap resampling (sacrebleu --confidence")
-    head = f"{test}, {boot['samples']} resamples, seed {boot['seed']}): score (bootstrap mean ± 95% CI half-width)"
+    head = (f"{test}, {boot['samples']} resamples, seed {boot['seed']}): "
+            "score (bootstrap mean ± 95% CI half-width)")
     if paired:
         head += f", p-value of the difference from the baseline, {boot['baseline']['name']}"
     roles = ["baseline", "system"] if paired else ["system"]

@@ -47,7 +47,8 @@ def _ctranslate2() -> Any:
     try:
         import ctranslate2
     except ImportError:
-        raise UserError(f"exporting to or translating with CTranslate2 needs ctranslate2: {INSTALL}") from None
+        raise UserError("exporting to or translating with CTranslate2 needs ctranslate2: "
+                        f"{INSTALL}") from None
     return ctranslate2
 
 

@@ -35,7 +35,8 @@ def pieces(vocab: Vocab, text: str, ids: list[int], limit: int) -> list[list[int
     return parts
 
 
-def join(vocab: Vocab, n_lines: int, sources: list[list[int]], owner: list[int], found: list) -> list[Translation]:
+def join(vocab: Vocab, n_lines: int, sources: list[list[int]], owner: list[int],
+         found: list) -> list[Translation]:
     """Per line: its n-best list (`found` per source), or the best of each piece joined with
     spaces; a line without sources (empty) gets an empty translation."""
     out = [Translation([("", 0.0)], [], []) for _ in range(n_lines)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from torch import nn
 
 from mtkit.config import ModelConfig
 from mtkit.data.vocab import PAD
+
+if TYPE_CHECKING:  # decoding state: what search keeps between steps
+    from mtkit.inference import KVCache
 
 Kernel = Callable[..., torch.Tensor]
 """kernel(q, k, v, mask, causal, dropout_p) -> (B, H, Lq, d_v): equation 1 over (B, H, L, d_k)
@@ -67,27 +71,6 @@ class TiedOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._embedding[0].weight)  # (B, T, V)
-
-
-class KVCache:
-    """One decoder layer's self-attention keys and values so far (B, H, t, d_k), for decoding one
-    position at a time; beam search keeps the rows of the hypotheses that survive a step."""
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add one position (B, H, 1, d_k); returns the keys and values so far."""
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
-        return self.k, self.v
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (each surviving hypothesis's parent), in that order."""
-        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class MultiHeadAttention(nn.Module):
@@ -245,8 +228,8 @@ class Transformer(nn.Module):
         """Encoder keys/values for every decoder layer, projected once per source."""
         return [layer.cross_attn.project_kv(memory) for layer in self.decoder]
 
-    def decode(self, tgt_in: torch.Tensor, cross: list, src_mask: torch.Tensor, cache: list[KVCache] | None = None,
-               start: int = 0, group: int = 1) -> torch.Tensor:
+    def decode(self, tgt_in: torch.Tensor, cross: list, src_mask: torch.Tensor,
+               cache: list[KVCache] | None = None, start: int = 0, group: int = 1) -> torch.Tensor:
         """tgt_in (B, T) -> logits (B, T, V); with `cache` (one per layer), tgt_in is the one
         position `start`; `group`: target rows per source row (see MultiHeadAttention.attend)."""
         x = self.tgt_embed(tgt_in, start)

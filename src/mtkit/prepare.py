@@ -83,7 +83,8 @@ class Encoded:
     def select(self, keep: np.ndarray) -> Encoded:
         """The pairs where `keep` is True (text and hashes are not carried)."""
         return Encoded(self.src[np.repeat(keep, self.src_lens)], self.src_lens[keep],
-                       self.tgt[np.repeat(keep, self.tgt_lens)], self.tgt_lens[keep], self.dropped, None, None)
+                       self.tgt[np.repeat(keep, self.tgt_lens)], self.tgt_lens[keep],
+                       self.dropped, None, None)
 
 
 def _length_filter(s: np.ndarray, t: np.ndarray, f: Filters) -> tuple[np.ndarray, dict[str, int]]:
@@ -112,7 +113,8 @@ def encode_chunk(chunk: Chunk, f: Filters, vocab: Vocab, threads: int | None = N
         if not keep.all():
             index = np.flatnonzero(keep)
             src, tgt = [src[i] for i in index], [tgt[i] for i in index]
-            src_ids, tgt_ids, s, t = [src_ids[i] for i in index], [tgt_ids[i] for i in index], s[keep], t[keep]
+            src_ids, tgt_ids, s, t = ([src_ids[i] for i in index], [tgt_ids[i] for i in index],
+                                      s[keep], t[keep])
     return Encoded(_flat(src_ids, f.dtypes[0]), s, _flat(tgt_ids, f.dtypes[1]), t, dropped,
                    pair_hashes(src, tgt) if f.hashes else None, (src, tgt) if f.text else None)
 
@@ -130,7 +132,8 @@ def _encode_in_worker(chunk: Chunk, f: Filters) -> Encoded:
     return encode_chunk(chunk, f, _WORKER_VOCAB, threads=1)
 
 
-def _ordered(pool: ProcessPoolExecutor, tasks: Iterable[tuple[Chunk, Filters]], depth: int) -> Iterator[Encoded]:
+def _ordered(pool: ProcessPoolExecutor, tasks: Iterable[tuple[Chunk, Filters]],
+             depth: int) -> Iterator[Encoded]:
     """Results in task order with at most `depth` tasks in flight (Pool.imap would read the whole
     corpus into its queue)."""
     pending: deque = deque()
@@ -160,7 +163,8 @@ def _encoder(vocab: Vocab, procs: int) -> Iterator[Callable[[Iterable], Iterator
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited by the workers
         try:
-            for started in [pool.submit(int) for _ in range(procs)]:  # every worker starts with SIGINT ignored
+            # every worker starts with SIGINT ignored
+            for started in [pool.submit(int) for _ in range(procs)]:
                 started.result()
         finally:
             if main:
@@ -173,11 +177,13 @@ def _encoder(vocab: Vocab, procs: int) -> Iterator[Callable[[Iterable], Iterator
 def _sample_text(cfg: RunConfig) -> tuple[list[str], list[str], int]:
     """First pass over the training split: its cleaned sample for SentencePiece and its pair count."""
     with tqdm(desc="read train", unit=" pairs", disable=None, leave=False) as bar:
-        chunks = (bar.update(len(chunk.items)) or chunk for chunk in read_chunks(cfg.data, "train", CHUNK_PAIRS))
+        chunks = (bar.update(len(chunk.items)) or chunk
+                  for chunk in read_chunks(cfg.data, "train", CHUNK_PAIRS))
         sample, seen = sample_pairs(chunks, sample_size(cfg.tokenizer), cfg.tokenizer.seed)
     src, tgt = [], []
     while sample and sample.items:  # a slice at a time, freeing the raw pairs as their text is made
-        part = Chunk(sample.kind, sample.names, sample.items[:CHUNK_PAIRS], numbers=sample.numbers[:CHUNK_PAIRS])
+        part = Chunk(sample.kind, sample.names, sample.items[:CHUNK_PAIRS],
+                     numbers=sample.numbers[:CHUNK_PAIRS])
         del sample.items[:CHUNK_PAIRS], sample.numbers[:CHUNK_PAIRS]
         more_src, more_tgt, _ = clean_pairs(*decode_chunk(part))
         src += more_src
@@ -189,10 +195,12 @@ def _train_vocab(cfg: RunConfig) -> tuple[Vocab, int]:
     start = time.time()
     src, tgt, seen = _sample_text(cfg)
     if not src:
-        raise UserError(f"data.splits.train: no sentence pairs left after cleaning ({cfg.data.splits['train']})")
+        raise UserError("data.splits.train: no sentence pairs left after cleaning "
+                        f"({cfg.data.splits['train']})")
     tok = cfg.tokenizer
     log.info("read %d training pairs in %.1f s; training SentencePiece (%s, %d pieces, %s) on %d of them",
-             seen, time.time() - start, tok.type, tok.vocab_size, "joint" if tok.joint else "separate", len(src))
+             seen, time.time() - start, tok.type, tok.vocab_size, "joint" if tok.joint else "separate",
+             len(src))
     start = time.time()
     vocab = train_vocab(src, tgt, tok)
     log.info("trained SentencePiece in %.1f s", time.time() - start)
@@ -203,8 +211,8 @@ class _TextWriter:
     """The cleaned text of an evaluation split, one file per side."""
 
     def __init__(self, directory: Path, split: str):
-        self.files = [open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n")  # closed in close()
-                      for side in ("src", "tgt")]
+        self.files = [open(directory / f"{split}.{side}.txt", "w", encoding="utf-8", newline="\n")
+                      for side in ("src", "tgt")]  # closed in close()
 
     def write(self, text: tuple[list[str], list[str]]) -> None:
         for f, lines in zip(self.files, text):
@@ -218,12 +226,13 @@ class _TextWriter:
 def _write_split(encode: Callable, cfg: RunConfig, vocab: Vocab, name: str, tmp: Path) -> dict:
     """Second pass over one split: encoded chunks -> (dedup) -> shards; returns its manifest entry."""
     d, train, start = cfg.data, name == "train", time.time()
-    f = Filters(d.max_tokens_per_sentence if train else None, d.max_length_ratio, train and d.dedup, not train,
-                (id_dtype(vocab.src_size).name, id_dtype(vocab.tgt_size).name))
+    f = Filters(d.max_tokens_per_sentence if train else None, d.max_length_ratio, train and d.dedup,
+                not train, (id_dtype(vocab.src_size).name, id_dtype(vocab.tgt_size).name))
     writer = ShardWriter(tmp, name, d.shard_size, (np.dtype(f.dtypes[0]), np.dtype(f.dtypes[1])))
     text = None if train else _TextWriter(tmp, name)
     seen = SeenPairs(tmp / ".dedup.sqlite") if f.hashes else None
-    dropped = {"empty": 0, **({"too_long": 0, "length_ratio": 0} if train else {}), **({"duplicate": 0} if seen else {})}
+    dropped = {"empty": 0, **({"too_long": 0, "length_ratio": 0} if train else {}),
+               **({"duplicate": 0} if seen else {})}
     bar = tqdm(desc=f"encode {name}", unit=" pairs", disable=None, leave=False)
     try:
         for enc in encode((chunk, f) for chunk in read_chunks(d, name, CHUNK_PAIRS)):
@@ -246,8 +255,9 @@ def _write_split(encode: Callable, cfg: RunConfig, vocab: Vocab, name: str, tmp:
             seen.close()
             (tmp / ".dedup.sqlite").unlink()
     entry.update(dropped=dropped, sources=split_sources(d, name))
-    log.info("encoded %s in %.1f s: %d pairs, %d + %d tokens, %d shard(s); dropped %s", name, time.time() - start,
-             entry["pairs"], entry["src_tokens"], entry["tgt_tokens"], len(entry["src"]["shards"]), dropped)
+    log.info("encoded %s in %.1f s: %d pairs, %d + %d tokens, %d shard(s); dropped %s", name,
+             time.time() - start, entry["pairs"], entry["src_tokens"], entry["tgt_tokens"],
+             len(entry["src"]["shards"]), dropped)
     return entry
 
 
@@ -256,7 +266,8 @@ def _write_manifest(cfg: RunConfig, vocab: Vocab, splits: dict, tmp: Path) -> No
     if not vocab.joint:
         (tmp / "spm.tgt.model").write_bytes(vocab.tgt_model)
     manifest = {
-        "format": FORMAT, "mtkit_version": __version__, "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang,
+        "format": FORMAT, "mtkit_version": __version__,
+        "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang,
         "vocab": {"src_model": "spm.src.model", "tgt_model": None if vocab.joint else "spm.tgt.model",
                   "src_size": vocab.src_size, "tgt_size": vocab.tgt_size, "joint": vocab.joint},
         "splits": splits, "config": config_to_dict(cfg),

@@ -71,8 +71,8 @@ def greedy_search(model: Transformer, src: torch.Tensor, max_len_offset: int = 5
 
 @torch.inference_mode()
 def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha: float = 0.6,
-                max_len_offset: int = 50, nbest: int = 1, early_exit: bool = False, stopping: str = "finished",
-                backend: Backend = DEFAULT) -> list[list[Hypothesis]]:
+                max_len_offset: int = 50, nbest: int = 1, early_exit: bool = False,
+                stopping: str = "finished", backend: Backend = DEFAULT) -> list[list[Hypothesis]]:
     """Batched beam search; the beams of all sentences live in one (B * K) batch.
 
     A hypothesis ends when EOS is among the top K of the 2K candidates of a step (fairseq's rule);

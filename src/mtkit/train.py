@@ -61,9 +61,10 @@ from mtkit.translate import Translator
 log = logging.getLogger("mtkit")
 
 # Keys that may change between a run and its resumption without changing what is trained.
-RESUMABLE_CHANGES = ("train.run_dir", "train.max_steps", "train.max_epochs", "train.max_time", "train.valid_every",
-                     "train.log_every", "train.keep_last", "train.patience", "train.device", "train.threads",
-                     "train.valid_bleu_sentences", "train.compile", "decode.", "data.num_proc", "data.shard_size")
+RESUMABLE_CHANGES = ("train.run_dir", "train.max_steps", "train.max_epochs", "train.max_time",
+                     "train.valid_every", "train.log_every", "train.keep_last", "train.patience",
+                     "train.device", "train.threads", "train.valid_bleu_sentences", "train.compile",
+                     "decode.", "data.num_proc", "data.shard_size")
 MAX_BAD_STEPS = 10
 STARTS = "starts.jsonl"  # one line per invocation: versions, hardware, precision
 LOCK = ".lock"  # held by the training process (its pid inside) while it runs
@@ -103,7 +104,8 @@ class Clock:
 
     def stamp(self) -> dict:
         """What every log record carries: the time of day (UTC, ISO 8601) and the run's elapsed seconds."""
-        return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "elapsed": round(self.total(), 1)}
+        return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "elapsed": round(self.total(), 1)}
 
 
 @dataclass
@@ -150,7 +152,8 @@ def _collate_pairs(items: list) -> dict[str, torch.Tensor]:
     return collate([s for s, _ in items], [t for _, t in items])
 
 
-def _loader(src: TokenArray, tgt: TokenArray, batches: Iterator[np.ndarray], device: torch.device) -> DataLoader:
+def _loader(src: TokenArray, tgt: TokenArray, batches: Iterator[np.ndarray],
+            device: torch.device) -> DataLoader:
     """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA.
 
     Its own generator: starting a loader must not draw from the global RNG that dropout uses,
@@ -186,7 +189,8 @@ def validate(model: Transformer, translator: Translator, data: PreparedData, cfg
     if translator.device.type == "cpu":
         decoder = copy.deepcopy(model)
         translator = Translator(decoder, translator.vocab, translator.decode, translator.device,
-                                precision=translator.precision, backend=inference.install(decoder, translator.device))
+                                precision=translator.precision,
+                                backend=inference.install(decoder, translator.device))
     hyps = translator.translate(src_text)
     bleu = score(hyps, [refs], metrics=("bleu",))["bleu"]
     model.train()
@@ -199,10 +203,10 @@ def _checkpoint(run: Run, state: TrainState, with_train_state: bool = True) -> d
             "vocab": run.data.vocab.to_state(), "step": state.step}
     if with_train_state:
         ckpt["train_state"] = {
-            "optimizer": run.optimizer.state_dict(), "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-            "best_bleu": state.best_bleu, "bad_validations": state.bad_validations,
-            "max_tokens": state.max_tokens, "history": state.history, "torch_rng": torch.get_rng_state(),
-            "elapsed": state.elapsed,
+            "optimizer": run.optimizer.state_dict(), "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch, "best_bleu": state.best_bleu,
+            "bad_validations": state.bad_validations, "max_tokens": state.max_tokens,
+            "history": state.history, "torch_rng": torch.get_rng_state(), "elapsed": state.elapsed,
         }
         if run.autocast.scaler is not None:
             ckpt["train_state"]["grad_scaler"] = run.autocast.scaler.state_dict()
@@ -230,8 +234,9 @@ def _same_vocabulary(path: Path, ckpt: dict, vocab: Vocab, prepared_dir: str) ->
     theirs = Vocab.from_state(ckpt["vocab"]).fingerprint
     if theirs != vocab.fingerprint:
         raise UserError(f"{path}: its vocabulary (fingerprint {theirs}) is not that of {prepared_dir} "
-                        f"({vocab.fingerprint}): the data was prepared again with another SentencePiece model, "
-                        "so every token id would mean another piece; start a new run (another train.run_dir)")
+                        f"({vocab.fingerprint}): the data was prepared again with another SentencePiece "
+                        "model, so every token id would mean another piece; start a new run "
+                        "(another train.run_dir)")
 
 
 def _restore(model, optimizer, autocast: ComputeContext, cfg: RunConfig, run_dir: Path, force: bool,
@@ -292,7 +297,8 @@ def _repair_best(ckpt_dir: Path, state: TrainState) -> None:
         return
     source = ckpt_dir / f"step_{step:08d}.pt"
     if not source.is_file():
-        log.warning("%s is not the model of step %d, the best validation, and that checkpoint is gone", best, step)
+        log.warning("%s is not the model of step %d, the best validation, and that checkpoint is gone",
+                    best, step)
         return
     ckpt = load_checkpoint(source)
     ckpt.pop("train_state", None)
@@ -353,12 +359,13 @@ def _check_data(cfg: RunConfig, data: PreparedData) -> None:
     """What the run will need of the prepared data, checked before any work."""
     src, _ = data.split("valid")
     if len(src) == 0:
-        raise UserError(f"{data.dir}: the validation split is empty (data.splits.valid); validation needs sentences")
+        raise UserError(f"{data.dir}: the validation split is empty (data.splits.valid); "
+                        "validation needs sentences")
     longest = max(a.longest for split in ("train", "valid") for a in data.split(split)) + 1  # + EOS / BOS
     if longest > cfg.model.max_positions:
-        raise UserError(f"model.max_positions ({cfg.model.max_positions}) is shorter than the longest sentence in "
-                        f"{data.dir} ({longest} positions); raise it, or lower data.max_tokens_per_sentence and "
-                        "prepare again")
+        raise UserError(f"model.max_positions ({cfg.model.max_positions}) is shorter than the longest "
+                        f"sentence in {data.dir} ({longest} positions); raise it, or lower "
+                        "data.max_tokens_per_sentence and prepare again")
 
 
 def _train(cfg: RunConfig, data: PreparedData, ranks: Dist, device: torch.device, clock: Clock, resume: bool,
@@ -418,7 +425,8 @@ class _Window:
         self.tgt_tokens = self.src_tokens = self.padded = self.steps = 0
         self.start = time.time()
 
-    def add(self, out: dict, group: list[np.ndarray], src: TokenArray, tgt: TokenArray, n_tokens: int) -> None:
+    def add(self, out: dict, group: list[np.ndarray], src: TokenArray, tgt: TokenArray,
+            n_tokens: int) -> None:
         kept = 1.0 - out["skipped"]  # the same on every rank: the gradient norm is global
         self.sums += torch.stack([out["loss"], out["nll"]]) * kept
         self.kept += torch.stack([n_tokens * kept, out["skipped"]])
@@ -507,8 +515,8 @@ def _loop(run: Run, state: TrainState) -> None:
         progress.close()  # before any error line, so it starts a line of its own
         if log_file:
             log_file.close()
-    log.info("stopped at step %d: %s; best valid BLEU %.2f; %s elapsed", state.step, stop, state.best_bleu or 0.0,
-             _duration(run.clock.total()))
+    log.info("stopped at step %d: %s; best valid BLEU %.2f; %s elapsed", state.step, stop,
+             state.best_bleu or 0.0, _duration(run.clock.total()))
 
 
 def _write(log_file, record: dict) -> None:
@@ -607,8 +615,9 @@ def _validate_and_save_main(run: Run, state: TrainState, progress: _Progress, lo
     bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:  # before validation, which cannot decode with them; no checkpoint of them is written
         kept = step_checkpoints(ckpt_dir)
-        raise UserError(f"training diverged: non-finite weights in {', '.join(bad[:3])} at step {state.step}, "
-                        f"not saved (newest checkpoint: {kept[-1] if kept else 'none'}); lower train.lr_factor")
+        raise UserError(f"training diverged: non-finite weights in {', '.join(bad[:3])} at step "
+                        f"{state.step}, not saved (newest checkpoint: {kept[-1] if kept else 'none'}); "
+                        "lower train.lr_factor")
     metrics = validate(run.model, run.translator, run.data, run.cfg, run.autocast, state.max_tokens)
     record = {"step": state.step, "epoch": state.epoch + 1, **metrics, **run.clock.stamp()}
     state.history.append(record)

@@ -58,7 +58,8 @@ class Translator:
     the worker processes it starts (`workers` > 1, CPU) until `close` or the end of a `with`."""
 
     def __init__(self, model: Transformer, vocab: Vocab, decode: DecodeConfig, device: torch.device,
-                 workers: int = 1, precision: Precision | None = None, backend: inference.Backend | None = None):
+                 workers: int = 1, precision: Precision | None = None,
+                 backend: inference.Backend | None = None):
         check_workers(workers, device)
         self.model, self.vocab, self.decode, self.device = model.eval(), vocab, decode, device
         self.backend = backend or inference.Backend()

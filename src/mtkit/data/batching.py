@@ -64,9 +64,10 @@ def pooled_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, 
             yield index[batch]
 
 
-def step_groups(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, seed: int, epoch: int, group: int,
-                pool_size: int | None, skip: int = 0) -> Iterator[list[np.ndarray]]:
-    """The batches of one epoch in groups of accum_steps x world (one optimizer step each), from group `skip` on.
+def step_groups(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, seed: int, epoch: int,
+                group: int, pool_size: int | None, skip: int = 0) -> Iterator[list[np.ndarray]]:
+    """The batches of one epoch in groups of accum_steps x world (one optimizer step each), from
+    group `skip` on.
 
     A function of (seed, epoch) alone, so resume rebuilds them and every rank agrees; a last
     group that would leave a rank without a batch is dropped (the epoch's shuffle varies it).

@@ -156,8 +156,8 @@ def decode_chunk(chunk: Chunk) -> tuple[list[str], list[str]]:
         for i, raw in enumerate(chunk.items):
             cols = _decode(raw, chunk, 0, i).split("\t")
             if len(cols) != 2:
-                raise UserError(f"{chunk.names[0]}: line {chunk.number(i)}: expected 2 tab-separated columns, "
-                                f"found {len(cols)}")
+                raise UserError(f"{chunk.names[0]}: line {chunk.number(i)}: expected 2 tab-separated "
+                                f"columns, found {len(cols)}")
             src.append(cols[0])
             tgt.append(cols[1])
         return src, tgt
@@ -178,7 +178,8 @@ def _raw_lines(stream: BinaryIO, path: Path) -> Iterator[bytes]:
 def _text_paths(cfg: DataConfig, split: str) -> tuple[Path, Path]:
     spec = cfg.splits[split]
     if "{lang}" not in spec:
-        raise UserError(f"data.splits.{split}: {spec!r} needs '{{lang}}' for format text, e.g. train.{{lang}}.gz")
+        raise UserError(f"data.splits.{split}: {spec!r} needs '{{lang}}' for format text, "
+                        f"e.g. train.{{lang}}.gz")
     return _resolve(cfg, spec, cfg.src_lang), _resolve(cfg, spec, cfg.tgt_lang)
 
 
@@ -237,8 +238,8 @@ def _record_chunks(cfg: DataConfig, split: str, size: int) -> Iterator[Chunk]:
     src_field, tgt_field = cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang
     first = 1
     while batch := list(islice(records, size)):
-        items = [(_field(r, src_field, f"{where} record {first + i}"), _field(r, tgt_field, f"{where} record {first + i}"))
-                 for i, r in enumerate(batch)]
+        items = [(_field(r, src_field, f"{where} record {first + i}"),
+                  _field(r, tgt_field, f"{where} record {first + i}")) for i, r in enumerate(batch)]
         yield Chunk("records", (where, where), items, first)
         first += len(items)
 
@@ -267,7 +268,8 @@ def normalize(text: str) -> str:
 
 
 def clean_pairs(src: list[str], tgt: list[str]) -> tuple[list[str], list[str], int]:
-    """Normalise whitespace and drop pairs with an empty side; returns the pairs kept and the count dropped."""
+    """Normalise whitespace and drop pairs with an empty side; returns the pairs kept and the count
+    dropped."""
     kept_src, kept_tgt = [], []
     for s, t in zip(src, tgt):
         s, t = normalize(s), normalize(t)
@@ -288,7 +290,8 @@ class SeenPairs:
 
     def __init__(self, path: Path, cache_mb: int = 64):
         self.db = sqlite3.connect(path)
-        self.db.executescript(f"PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-{cache_mb * 1024};"
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; "
+                              f"PRAGMA cache_size=-{cache_mb * 1024};"
                               "CREATE TABLE seen (h BLOB PRIMARY KEY) WITHOUT ROWID;")
 
     def first_seen(self, hashes: list[bytes]) -> np.ndarray:

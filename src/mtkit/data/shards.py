@@ -69,11 +69,13 @@ class ShardWriter:
     """Appends a split's pairs to shards of at most `shard_size` pairs per side."""
 
     def __init__(self, directory: Path, split: str, shard_size: int, dtypes: tuple[np.dtype, np.dtype]):
-        self.sides = [_SideWriter(directory, f"{split}.{side}", dtype) for side, dtype in zip(("src", "tgt"), dtypes)]
+        self.sides = [_SideWriter(directory, f"{split}.{side}", dtype)
+                      for side, dtype in zip(("src", "tgt"), dtypes)]
         self.shard_size = shard_size
         self.pairs = 0
 
-    def append(self, src_ids: np.ndarray, src_lens: np.ndarray, tgt_ids: np.ndarray, tgt_lens: np.ndarray) -> None:
+    def append(self, src_ids: np.ndarray, src_lens: np.ndarray, tgt_ids: np.ndarray,
+               tgt_lens: np.ndarray) -> None:
         """Add pairs given as each side's concatenated token ids and per-pair lengths."""
         sides = [(src_ids, src_lens, np.cumsum(src_lens)), (tgt_ids, tgt_lens, np.cumsum(tgt_lens))]
         done, n = 0, len(src_lens)
@@ -102,7 +104,8 @@ def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     try:
         return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot map {count} items of {dtype} ({exc}); run `mtkit prepare --force` again") from None
+        raise UserError(f"{path}: cannot map {count} items of {dtype} ({exc}); "
+                        "run `mtkit prepare --force` again") from None
 
 
 class TokenArray:
@@ -132,11 +135,13 @@ class PreparedData:
         self.dir = Path(directory)
         path = self.dir / MANIFEST
         if not path.is_file():
-            raise UserError(f"{self.dir}: no prepared data here ({MANIFEST} missing); run `mtkit prepare` first")
+            raise UserError(f"{self.dir}: no prepared data here ({MANIFEST} missing); "
+                            "run `mtkit prepare` first")
         try:
             self.manifest = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not a readable manifest ({exc}); run `mtkit prepare --force` again") from None
+            raise UserError(f"{path}: not a readable manifest ({exc}); "
+                            "run `mtkit prepare --force` again") from None
         if self.manifest.get("format", 1) != FORMAT:
             raise UserError(f"{self.dir}: prepared in layout {self.manifest.get('format', 1)} by mtkit "
                             f"{self.manifest.get('mtkit_version', '?')}; this mtkit reads layout {FORMAT}: "
@@ -152,7 +157,8 @@ class PreparedData:
     def split(self, name: str) -> tuple[TokenArray, TokenArray]:
         """(source, target) token arrays of one split."""
         if name not in self.manifest["splits"]:
-            raise UserError(f"{self.dir}: split '{name}' was not prepared (have: {', '.join(self.manifest['splits'])})")
+            raise UserError(f"{self.dir}: split '{name}' was not prepared "
+                            f"(have: {', '.join(self.manifest['splits'])})")
         info = self.manifest["splits"][name]
         return (TokenArray(self.dir, info["src"], info["pairs"], info["shard_size"]),
                 TokenArray(self.dir, info["tgt"], info["pairs"], info["shard_size"]))
@@ -161,5 +167,6 @@ class PreparedData:
         """The cleaned text of an evaluation split, as written beside the shards (for validation BLEU)."""
         path = self.dir / f"{name}.{side}.txt"
         if not path.is_file():
-            raise UserError(f"{path}: missing; prepare writes the text of evaluation splits only, not of 'train'")
+            raise UserError(f"{path}: missing; prepare writes the text of evaluation splits only, "
+                            "not of 'train'")
         return path.read_text(encoding="utf-8").split("\n")[:-1]

@@ -24,8 +24,8 @@ import warnings
 import torch
 from torch import nn
 
-from mtkit.inference import Backend
-from mtkit.model import FeedForward, KVCache, MultiHeadAttention, Transformer, sdpa
+from mtkit.inference import Backend, KVCache
+from mtkit.model import FeedForward, MultiHeadAttention, Transformer, sdpa
 
 MATH_ATTENTION_MAX = 2560
 """Queries x keys per head up to which `cpu_attention` multiplies with two batched matmuls (decoding
@@ -203,10 +203,12 @@ class CPUBackend(Backend):
     def memory_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k.transpose(2, 3).contiguous().transpose(2, 3), v.contiguous()
 
-    def keep_rows(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep_rows(self, k: torch.Tensor, v: torch.Tensor,
+                  keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k.transpose(2, 3).index_select(0, keep).transpose(2, 3), v.index_select(0, keep)
 
-    def best_candidates(self, logp: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def best_candidates(self, logp: torch.Tensor, scores: torch.Tensor,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """As Backend's, without adding to or sorting the whole matrix: the vocabulary is split into
         blocks, and the k best candidates lie in the k blocks whose maxima are best, so only those
         are searched (the same values at the same indices)."""
