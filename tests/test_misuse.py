@@ -87,7 +87,7 @@ def test_20_prepare_removes_what_a_killed_prepare_left(work, tmp_path):
     raw = raw_config(tmp_path)
     raw["data"]["splits"]["valid"] = "train.{lang}"
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    stray = tmp_path / ".prepared.tmp-abc123"
+    stray = tmp_path / ".prepared.12345.tmp"  # io.atomic_dir names its directories so
     stray.mkdir()
     (stray / "train.src.00000.bin").write_bytes(b"\0" * 100)
     proc = mtkit("prepare", "run.yaml", cwd=tmp_path)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import deque
@@ -42,7 +42,7 @@ from mtkit.data.corpus import (
 from mtkit.data.shards import FORMAT, MANIFEST, ShardWriter, id_dtype
 from mtkit.data.vocab import Vocab, sample_pairs, sample_size, train_vocab
 from mtkit.errors import UserError
-from mtkit.io import cause, exclusive, umask
+from mtkit.io import atomic_dir, cause, exclusive
 
 log = logging.getLogger("mtkit")
 
@@ -289,34 +289,24 @@ def _check_replaceable(out: Path, force: bool) -> None:
                     "what mtkit prepare made: choose another data.prepared_dir")
 
 
+def _left_by_atomic_dir(out: Path, kind: str) -> list[Path]:
+    """`io.atomic_dir`'s directories for `out`: `.{name}.{pid}.tmp` and `.{name}.{pid}.old`."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.\d+\.{kind}")
+    return [p for p in out.parent.glob(f".{out.name}.*.{kind}") if pattern.fullmatch(p.name)]
+
+
 def _remove_leftovers(out: Path) -> None:
     """Temporary directories of a prepare that was killed (this process holds the lock, so no
     prepare is writing them); an old copy left by a swap cut short is put back if `out` is gone."""
-    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+    for old in sorted(_left_by_atomic_dir(out, "old")):
         if not out.exists():
             os.replace(old, out)
             log.warning("restored %s from %s, left by an interrupted prepare", out, old.name)
         else:
             shutil.rmtree(old, ignore_errors=True)
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    for tmp in _left_by_atomic_dir(out, "tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("removed %s, left by an interrupted prepare", tmp)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished directory in place of the old one: the old one is moved aside first and
-    removed only once the new one is in place (and moved back if that fails)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(cfg: RunConfig, force: bool = False) -> Path:
@@ -336,22 +326,11 @@ def prepare(cfg: RunConfig, force: bool = False) -> Path:
         _check_replaceable(out, force)  # again: another process may have written it meanwhile
         start = time.time()
         vocab, train_pairs = _train_vocab(cfg)
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        except OSError as exc:
-            raise UserError(f"{out.parent}: cannot write ({cause(exc)})") from None
-        try:
+        with atomic_dir(out) as tmp:  # the old directory stays until the new one is complete
             procs = _num_proc(cfg, train_pairs)
             log.info("encoding with %d process%s", procs, "es" if procs > 1 else "")
             with _encoder(vocab, procs) as encode:
                 splits = {name: _write_split(encode, cfg, vocab, name, tmp) for name in cfg.data.splits}
             _write_manifest(cfg, vocab, splits, tmp)
-            tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; a prepared directory is ordinary output
-            _swap_in(tmp, out)
-        except OSError as exc:
-            raise UserError(f"{out}: cannot write the prepared data ({cause(exc)}); "
-                            "the previous one, if any, is untouched") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s in %.1f s", out, time.time() - start)
     return out

@@ -37,8 +37,8 @@ with a plain loop, slower than MKL's (the first decoding steps' self-attention a
 are multiplied elementwise and summed instead."""
 
 SMALL_SOFTMAX = 16
-"""torch's CPU softmax over a last dimension shorter than its 16-float vector is slower than exp
-and sum, which it beats from this length on."""
+"""Fewer keys than this take exp and sum instead of torch's CPU softmax. Where that pays off
+depends on the CPU's vector width: scripts/bench_kernels.py measures it (docs/performance.md)."""
 
 
 def softmax_(scores: torch.Tensor) -> torch.Tensor:
