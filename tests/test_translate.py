@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, WORDS, untrained_checkpoint
 from mtkit.attention import hard_alignment, pharaoh
+from mtkit.lines import pieces
 from mtkit.translate import Translator
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
@@ -89,10 +90,10 @@ def test_a_long_line_is_cut_at_punctuation_before_the_limit(checkpoint, caplog):
     sentence = "the small dog runs in the red house on the street"
     text = ", ".join([sentence] * 12) + "."
     ids = translator.vocab.encode_src([text])[0]
-    pieces = translator._pieces(text, ids)
-    assert len(ids) > translator.source_limit and len(pieces) > 1
-    assert all(len(p) <= translator.source_limit for p in pieces)
-    assert all(translator.vocab.src.decode(p).endswith(",") for p in pieces[:-1])  # cut after commas
+    parts = pieces(translator.vocab, text, ids, translator.source_limit)
+    assert len(ids) > translator.source_limit and len(parts) > 1
+    assert all(len(p) <= translator.source_limit for p in parts)
+    assert all(translator.vocab.src.decode(p).endswith(",") for p in parts[:-1])  # cut after commas
     out = translator.translate(["the dog", text, "a cat"])
     assert len(out) == 3 and "subwords exceed the model's limit" in caplog.text
 
