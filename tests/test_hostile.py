@@ -39,7 +39,7 @@ KEYS = [
     "train.valid_bleu_sentences", "train.log_every", "train.keep_last", "train.patience", "train.device",
     "train.precision", "train.threads", "train.compile", "train.max_time",
     "decode.beam_size", "decode.length_penalty", "decode.max_len_offset",
-    "decode.max_tokens", "decode.early_exit", "model.nonsense", "nonsense",
+    "decode.max_tokens", "decode.stopping", "decode.early_exit", "model.nonsense", "nonsense",
 ]
 
 

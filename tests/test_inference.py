@@ -14,18 +14,7 @@ from mtkit.inference import Backend, KVCache, install
 from mtkit.inference.cpu import CPUBackend, FusedSelfAttention, SlotCache, cpu_attention, softmax_
 from mtkit.model import MultiHeadAttention, Transformer, sdpa
 from mtkit.search import _start, beam_search, greedy_search
-
-V = 32
-
-
-def tiny(**changes) -> Transformer:
-    return Transformer(tiny_model_config(**changes), V, V).eval()
-
-
-def random_src(batch: int, length: int) -> torch.Tensor:
-    src = torch.randint(4, V, (batch, length))
-    src[:, -1] = EOS
-    return src
+from test_model import V, random_src, tiny
 
 
 def padded_batch() -> torch.Tensor:

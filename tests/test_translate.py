@@ -146,3 +146,16 @@ def test_a_line_translated_in_pieces_gets_an_empty_alignment_line(checkpoint, tm
     align = (tmp_path / "align.txt").read_text().split("\n")
     assert n == 3 and len(align) == 4 and align[1] == "" and align[0] and align[2]
     assert len((tmp_path / "out.txt").read_text().split("\n")) == 4
+
+
+def test_stopping_rules_from_the_command_line(checkpoint, tmp_path):
+    """--stopping bound translates every line; an unknown rule is one error line, exit 2."""
+    from test_reliability import one_error
+
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"{line}\n" for line in random_lines(12, seed=3)))
+    base = [sys.executable, "-m", "mtkit", "translate", "-m", str(checkpoint), "-i", str(src)]
+    bound = subprocess.run([*base, "--stopping", "bound"], capture_output=True, env=ENV, text=True)
+    assert bound.returncode == 0 and len(bound.stdout.splitlines()) == 12
+    one_error(subprocess.run([*base, "--stopping", "never"], capture_output=True, env=ENV, text=True),
+              "--stopping 'never'", "finished or bound")

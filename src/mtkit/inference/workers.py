@@ -99,5 +99,5 @@ class WorkerPool:
         for process in processes:
             process.join(max(deadline - time.monotonic(), 0.0))
             if process.is_alive():
-                process.kill()
-                process.join(1.0)
+                process.kill()  # cannot be ignored: join returns once the kernel has reaped it
+                process.join(10.0)
