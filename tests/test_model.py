@@ -193,3 +193,16 @@ def test_the_bound_rule_finds_at_least_what_k_finished_finds(alpha):
         assert c[0].tokens == b[0].tokens and c[0].score == pytest.approx(b[0].score, abs=1e-4)
     if alpha == 2.0:  # a strong length reward: longer hypotheses ending after the first K win
         assert any(b[0].score > a[0].score + 1e-3 for a, b in zip(fairseq, bound))
+
+
+def test_a_group_of_queries_attends_as_if_the_keys_were_repeated():
+    """Beam search's K hypotheses per sentence share one copy of its encoder keys (group=K)."""
+    cfg = tiny_model_config(d_model=8, n_heads=2)
+    attn = MultiHeadAttention(cfg).eval()
+    x, mem = torch.randn(6, 1, 8), torch.randn(2, 5, 8)  # 2 sentences x 3 hypotheses
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]
+    kv = attn.project_kv(mem)
+    repeated = tuple(t.repeat_interleave(3, 0) for t in kv)
+    torch.testing.assert_close(attn(x, kv, mask, group=3), attn(x, repeated, mask.repeat_interleave(3, 0)))
+    torch.testing.assert_close(attn.weights(x, kv, mask, group=3),
+                               attn.weights(x, repeated, mask.repeat_interleave(3, 0)))

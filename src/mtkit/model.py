@@ -104,8 +104,10 @@ class MultiHeadAttention(nn.Module):
     def weights(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
         """Equation 1's softmax(Q K^T / sqrt(d_k)), (B, H, Lq, Lk), for pictures and alignments."""
-        q = self.project_q(x)
-        k = kv[0].repeat_interleave(group, 0) if group > 1 else kv[0]
+        q, k = self.project_q(x), kv[0]
+        if group > 1:  # one row of keys and mask per `group` rows of queries (see `attend`)
+            k = k.repeat_interleave(group, 0)
+            mask = None if mask is None else mask.repeat_interleave(group, 0)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_k)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
