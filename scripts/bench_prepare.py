@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import machine, publish
+from mtkit.io import open_text
 
 log = logging.getLogger("bench_prepare")
 
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _read(path: Path) -> list[str]:
-    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
+    with open_text(path) as f:
         return f.read().split("\n")[:-1]
 
 

@@ -8,6 +8,7 @@ import errno
 import gzip
 import io
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -68,11 +69,10 @@ def fsync_directory(directory: str | Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "w", *, message: str = WRITE_FAILED,
-                durable: bool = True) -> Iterator[IO[Any]]:
+def atomic_file(path: str | Path, mode: str = "w", *, message: str = WRITE_FAILED) -> Iterator[IO[Any]]:
     """A file object whose content replaces `path` only when the block ends without error: a
-    temporary sibling `.{name}.XXXX.tmp`, fsync, rename, and with `durable` an fsync of the
-    directory so the rename survives a power cut. `mode` is "w" (UTF-8 text, '\\n' line ends) or
+    temporary sibling `.{name}.XXXX.tmp`, fsync, rename, and an fsync of the directory so the
+    rename survives a power cut. `mode` is "w" (UTF-8 text, '\\n' line ends) or
     "wb" (bytes). A failure leaves `path` as it was and no temporary file; an OS error is one
     UserError, `{path}: ` + `message` with `{cause}` filled in."""
     if mode not in ("w", "wb"):
@@ -89,8 +89,7 @@ def atomic_file(path: str | Path, mode: str = "w", *, message: str = WRITE_FAILE
         os.chmod(tmp, file_mode())  # as any file the user makes (mkstemp's are private)
         os.replace(tmp, path)
         tmp = None
-        if durable:
-            fsync_directory(path.parent)
+        fsync_directory(path.parent)
     except OSError as exc:
         raise UserError(f"{path}: " + message.format(cause=cause(exc))) from None
     finally:
@@ -141,6 +140,14 @@ def atomic_dir(path: str | Path, replace_only: Callable[[Path], bool] | None = N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def atomic_dir_leftovers(path: str | Path, kind: str) -> list[Path]:
+    """What `atomic_dir` calls left beside `path` when their process was killed: the temporary
+    directories (`kind` "tmp") or an old copy moved aside during the swap ("old")."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.\d+\.{kind}")
+    return sorted(p for p in path.parent.glob(f".{path.name}.*.{kind}") if pattern.fullmatch(p.name))
+
+
 def _check_dir(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"{path}: exists and is not a directory")
@@ -155,7 +162,7 @@ def _install_dir(tmp: Path, path: Path, replace_only: Callable[[Path], bool] | N
             path.rmdir()
         os.replace(tmp, path)
         return
-    old = path.parent / f".{path.name}.{os.getpid()}.old"
+    old = path.parent / f".{path.name}.{os.getpid()}.old"  # see atomic_dir_leftovers
     shutil.rmtree(old, ignore_errors=True)
     if replace_only is None:
         os.replace(path, old)

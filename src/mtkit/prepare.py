@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import threading
@@ -42,7 +41,7 @@ from mtkit.data.corpus import (
 from mtkit.data.shards import FORMAT, MANIFEST, ShardWriter, id_dtype
 from mtkit.data.vocab import Vocab, sample_pairs, sample_size, train_vocab
 from mtkit.errors import UserError
-from mtkit.io import atomic_dir, cause, exclusive
+from mtkit.io import atomic_dir, atomic_dir_leftovers, cause, exclusive
 
 log = logging.getLogger("mtkit")
 
@@ -289,22 +288,16 @@ def _check_replaceable(out: Path, force: bool) -> None:
                     "what mtkit prepare made: choose another data.prepared_dir")
 
 
-def _left_by_atomic_dir(out: Path, kind: str) -> list[Path]:
-    """`io.atomic_dir`'s directories for `out`: `.{name}.{pid}.tmp` and `.{name}.{pid}.old`."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.\d+\.{kind}")
-    return [p for p in out.parent.glob(f".{out.name}.*.{kind}") if pattern.fullmatch(p.name)]
-
-
 def _remove_leftovers(out: Path) -> None:
     """Temporary directories of a prepare that was killed (this process holds the lock, so no
     prepare is writing them); an old copy left by a swap cut short is put back if `out` is gone."""
-    for old in sorted(_left_by_atomic_dir(out, "old")):
+    for old in atomic_dir_leftovers(out, "old"):
         if not out.exists():
             os.replace(old, out)
             log.warning("restored %s from %s, left by an interrupted prepare", out, old.name)
         else:
             shutil.rmtree(old, ignore_errors=True)
-    for tmp in _left_by_atomic_dir(out, "tmp"):
+    for tmp in atomic_dir_leftovers(out, "tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("removed %s, left by an interrupted prepare", tmp)
 

@@ -240,8 +240,8 @@ def install(model: Transformer, quantize: str | None = None) -> CPUBackend:
         layer.attn = FusedSelfAttention(layer.attn)
     for layer in model.decoder:
         layer.self_attn = FusedSelfAttention(layer.self_attn)
-    output = nn.Linear(model.cfg.d_model, model.tgt_embed.tokens.num_embeddings, bias=False)
-    output.weight = model.tgt_embed.tokens.weight
+    output = nn.Linear(model.cfg.d_model, model.tgt_embed.tokens.num_embeddings, bias=False, device="meta")
+    output.weight = model.tgt_embed.tokens.weight  # the embedding matrix itself, as TiedOutput reads it
     model.output = output
     if quantize == "int8":
         with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
