@@ -105,12 +105,20 @@ def train(config: ConfigArg, set_: SetOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help=(
               "Continue the run in train.run_dir from its newest checkpoint."))] = False,
           force: Annotated[bool, typer.Option("--force", help=(
-              "Start over in a used run_dir, or resume despite config changes."))] = False):
+              "Start over in a used run_dir, or resume despite config changes."))] = False,
+          init_from: Annotated[Optional[Path], typer.Option("--init-from", metavar="MODEL", help=(
+              "Fine-tune: start from the weights of this checkpoint or run directory (same model "
+              "dimensions and vocabulary) with a fresh optimizer, schedule and step counter "
+              "(train.init_from)."))] = None):
     """Train a Transformer on prepared data; checkpoints, logs and curves go to train.run_dir."""
     from mtkit.config import load_config
     from mtkit.train import train as run_train
 
-    run_train(load_config(config, set_ or []), resume=resume, force=force)
+    overrides = [*(set_ or []), *([f"train.init_from={init_from}"] if init_from is not None else [])]
+    if init_from is not None and resume:
+        raise UserError("--init-from starts a new run from a model's weights; --resume continues this "
+                        "run from its own checkpoint: give one of them")
+    run_train(load_config(config, overrides), resume=resume, force=force)
 
 
 def _load_translator(model: Path | None, beam: int | None, alpha: float | None, greedy: bool,

@@ -22,6 +22,43 @@ from mtkit.errors import UserError
 
 
 @dataclass
+class CorpusConfig:
+    """One corpus of a run with several (`data.corpora`): a direction, its files, weight and tag.
+
+    A key left out takes the value of the `data:` block (its dir, format, splits, fields)."""
+
+    name: str | None = None
+    """Name in the manifest and the validation log; default SRC-TGT (give one when two corpora
+    share a direction, e.g. bt for back-translations)."""
+    src_lang: str | None = None
+    """Source language; default data.src_lang."""
+    tgt_lang: str | None = None
+    """Target language; default data.tgt_lang."""
+    format: Literal["text", "tsv", "jsonl", "hub"] | None = None
+    """As data.format; default data.format."""
+    dir: str | None = None
+    """As data.dir; default data.dir."""
+    splits: dict[str, str] | None = None
+    """This corpus' splits (as data.splits; its train is required, a valid is validated on its own);
+    default data.splits with this corpus' languages."""
+    hub_name: str | None = None
+    """As data.hub_name; default data.hub_name."""
+    hub_config: str | None = None
+    """As data.hub_config; default data.hub_config."""
+    src_field: str | None = None
+    """As data.src_field; default data.src_field."""
+    tgt_field: str | None = None
+    """As data.tgt_field; default data.tgt_field."""
+    weight: float = 1.0
+    """Upsampling factor of this corpus' training pairs in every epoch (2: each pair twice; 0.5: a
+    fixed random half); the pairs sampled are counted in the manifest."""
+    tag: str | None = None
+    """Token put in front of every source sentence of this corpus (e.g. <2en> for the target
+    language, <BT> for back-translations); one piece of the vocabulary, never split; at translation
+    time `decode.prefix` / `translate --prefix` puts it in front of the input."""
+
+
+@dataclass
 class DataConfig:
     """Where the parallel corpus comes from, how it is cleaned, and where `prepare` writes it."""
 
@@ -57,6 +94,9 @@ class DataConfig:
     in-process below 100k training pairs."""
     shard_size: int = 1_000_000
     """Pairs per binary shard file of a prepared split."""
+    corpora: list[CorpusConfig] = field(default_factory=list)
+    """Several corpora (directions, back-translations) in one run, each a mapping of `CorpusConfig`
+    keys; empty: the one corpus this block describes."""
 
 
 @dataclass
@@ -78,6 +118,16 @@ class TokenizerConfig:
     joint); bounds its memory and time however large the corpus; None: all."""
     seed: int = 1
     """Seed of that sample (prepare is reproducible)."""
+    model: str | None = None
+    """An existing SentencePiece model (.model file) for both sides: prepare encodes with it instead
+    of training one; its special ids are read from it, whatever they are."""
+    src_model: str | None = None
+    """An existing SentencePiece model for the source side only (with tgt_model and joint: false)."""
+    tgt_model: str | None = None
+    """An existing SentencePiece model for the target side only (with src_model and joint: false)."""
+    from_model: str | None = None
+    """The vocabulary of an mtkit checkpoint or run directory (what `train --init-from` on new data
+    needs)."""
 
 
 @dataclass
@@ -163,6 +213,9 @@ class TrainConfig:
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the model for training; auto: on CUDA only (compiling costs more than it saves
     on CPU)."""
+    init_from: str | None = None
+    """Fine-tune: start from the weights of this mtkit checkpoint or run directory (same model
+    dimensions and vocabulary), with a fresh optimizer, schedule and step counter."""
 
 
 @dataclass
@@ -187,6 +240,20 @@ class DecodeConfig:
     early_exit: bool = False
     """Also end a sentence when a step's best candidate is EOS (CTranslate2 does so only without a
     length penalty): faster; off keeps searching as `stopping` says."""
+    prefix: str | None = None
+    """Tag put in front of every source line (a piece of the vocabulary, e.g. <2en> or <BT>), as
+    `data.corpora[].tag` put it in front of the training sentences."""
+    sample: bool = False
+    """Sample each next token from the model's distribution instead of searching (back-translation);
+    one output per line, reproducible under `seed`."""
+    top_k: int = 0
+    """Sampling: draw from the k most probable tokens only; 0: all."""
+    top_p: float = 1.0
+    """Sampling: draw from the smallest set of tokens whose probability reaches p (nucleus); 1: all."""
+    temperature: float = 1.0
+    """Sampling: divide the logits by this before the softmax (<1 sharper, >1 flatter)."""
+    seed: int = 1
+    """Sampling: seed of the draws (the same seed, input and model give the same output)."""
 
 
 @dataclass
@@ -255,6 +322,14 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected a mapping, got {_short(value)}")
             return value
         return {str(k): _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {_short(value)}")
+            return value
+        item = args[0]
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             problems.append(f"{key}: expected a list of {len(args)} values, got {_short(value)}")
@@ -353,7 +428,7 @@ def _check(cfg: RunConfig) -> list[str]:
                        ("train.label_smoothing", t.label_smoothing)]:
         if isinstance(value, float) and not 0.0 <= value < 1.0:
             problems.append(f"{key} must be in [0, 1), got {value}")
-    if d.format != "hub" or d.splits:
+    if not d.corpora and (d.format != "hub" or d.splits):
         for split in ("train", "valid"):
             if split not in d.splits:
                 problems.append(f"data.splits.{split} is required")
@@ -362,8 +437,64 @@ def _check(cfg: RunConfig) -> list[str]:
             parse_duration(t.max_time)
         except ValueError as exc:
             problems.append(f"train.max_time: {exc}")
-    if d.format == "hub" and not d.hub_name:
+    if d.format == "hub" and not d.hub_name and not d.corpora:
         problems.append("data.hub_name is required when data.format is hub")
+    problems += _check_corpora(cfg)
+    problems += _check_tokenizer(cfg)
+    dec = cfg.decode
+    if isinstance(dec.top_k, int) and dec.top_k < 0:
+        problems.append(f"decode.top_k must be >= 0, got {dec.top_k}")
+    if isinstance(dec.top_p, float) and not 0.0 < dec.top_p <= 1.0:
+        problems.append(f"decode.top_p must be in (0, 1], got {_short(dec.top_p)}")
+    if isinstance(dec.temperature, float) and not (math.isfinite(dec.temperature) and dec.temperature > 0):
+        problems.append(f"decode.temperature must be a positive number, got {_short(dec.temperature)}")
+    if isinstance(dec.seed, int) and dec.seed < 0:
+        problems.append(f"decode.seed must be >= 0, got {dec.seed}")
+    return problems
+
+
+def _check_tokenizer(cfg: RunConfig) -> list[str]:
+    tok, problems = cfg.tokenizer, []
+    given = [k for k in ("model", "src_model", "tgt_model", "from_model") if getattr(tok, k)]
+    if len(given) > 1 and set(given) != {"src_model", "tgt_model"}:
+        problems.append(f"tokenizer: give one of model, src_model + tgt_model, from_model "
+                        f"(got {', '.join(given)})")
+    elif (tok.src_model is None) != (tok.tgt_model is None):
+        problems.append("tokenizer.src_model and tokenizer.tgt_model go together (one model per side); "
+                        "tokenizer.model is one model for both")
+    elif tok.src_model and tok.joint:
+        problems.append("tokenizer.src_model/tgt_model are one model per side: set tokenizer.joint: false "
+                        "(or give one joint tokenizer.model)")
+    elif tok.model and not tok.joint:
+        problems.append("tokenizer.model is one joint model: set tokenizer.joint: true "
+                        "(or give tokenizer.src_model and tokenizer.tgt_model)")
+    return problems
+
+
+TAG_PATTERN = re.compile(r"^\S+$")
+
+
+def _check_corpora(cfg: RunConfig) -> list[str]:
+    problems, names = [], set()
+    for i, c in enumerate(cfg.data.corpora):
+        key = f"data.corpora[{i}]"
+        if isinstance(c.weight, float) and not (math.isfinite(c.weight) and c.weight > 0):
+            problems.append(f"{key}.weight must be a positive number, got {_short(c.weight)}")
+        if c.tag is not None and not TAG_PATTERN.match(c.tag):
+            problems.append(f"{key}.tag must be one word without spaces, got {_short(c.tag)}")
+        splits = cfg.data.splits if c.splits is None else c.splits
+        if "train" not in splits:
+            problems.append(f"{key}.splits.train is required (or data.splits.train)")
+        fmt = c.format or cfg.data.format
+        if fmt == "hub" and not (c.hub_name or cfg.data.hub_name):
+            problems.append(f"{key}.hub_name is required when its format is hub")
+        name = c.name or f"{c.src_lang or cfg.data.src_lang}-{c.tgt_lang or cfg.data.tgt_lang}"
+        if name in names:
+            problems.append(f"{key}: another corpus is named {name!r}; give each a distinct name")
+        names.add(name)
+    if cfg.data.corpora and not any("valid" in (cfg.data.splits if c.splits is None else c.splits)
+                                    for c in cfg.data.corpora):
+        problems.append("data.corpora: no corpus has a valid split; validation needs one")
     return problems
 
 

@@ -119,6 +119,15 @@ class Vocab:
     def tgt_pieces_of(self, ids: list[int]) -> list[str]:
         return [self.tgt.id_to_piece(i) for i in ids]
 
+    def tag_id(self, tag: str) -> int:
+        """The source id of a tag (a piece of its own, e.g. <2en> or <BT>) to put in front of a
+        sentence; a tag the vocabulary lacks is an error naming it."""
+        i = self.src.piece_to_id(tag)
+        if i == self.src.unk_id() or self.src.is_unknown(i):
+            raise UserError(f"tag {tag!r} is not a piece of this vocabulary; a tag is given to the "
+                            "corpora of the run (data.corpora[].tag) before prepare")
+        return i
+
     @property
     def fingerprint(self) -> str:
         """A short hash of the SentencePiece model(s): equal fingerprints, equal token ids."""
