@@ -27,7 +27,7 @@ import torch
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import DecodeConfig, config_from_dict
 from mtkit.data.corpus import normalize
-from mtkit.data.vocab import BOS, EOS, PAD, UNK, Vocab, load_processor
+from mtkit.data.vocab import BOS, EOS, PAD, UNK, Subwords, Vocab, load_processor
 from mtkit.errors import UserError
 from mtkit.io import atomic_dir
 from mtkit.model import sinusoids
@@ -115,9 +115,9 @@ def _fill(spec: Any, weights: dict, positions: np.ndarray, pre_norm: bool) -> No
         _norm(dec.layer_norm, weights, "dec_norm")
 
 
-def _tokens(processor: Any) -> list[str]:
-    """SentencePiece pieces by id, specials under the names CTranslate2's config expects."""
-    tokens = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+def _tokens(subwords: Subwords) -> list[str]:
+    """Pieces by mtkit id, specials under the names CTranslate2's config expects."""
+    tokens = subwords.pieces
     tokens[:4] = [SPECIALS[i] for i in range(4)]
     if len(set(tokens)) < len(tokens):
         seen = sorted({t for t in tokens if tokens.count(t) > 1})

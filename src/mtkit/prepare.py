@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mtkit import __version__
-from mtkit.config import RunConfig, config_to_dict
+from mtkit.config import DataConfig, RunConfig, TokenizerConfig, config_to_dict
 from mtkit.data.corpus import (
     Chunk,
     SeenPairs,
@@ -38,8 +38,8 @@ from mtkit.data.corpus import (
     read_chunks,
     split_sources,
 )
-from mtkit.data.shards import FORMAT, MANIFEST, ShardWriter, id_dtype
-from mtkit.data.vocab import Vocab, sample_pairs, sample_size, train_vocab
+from mtkit.data.shards import FORMAT, MANIFEST, ShardWriter, id_dtype, sampled_pairs
+from mtkit.data.vocab import Vocab, load_processor, sample_pairs, sample_size, train_vocab
 from mtkit.errors import UserError
 from mtkit.io import atomic_dir, atomic_dir_leftovers, cause, exclusive
 
@@ -65,6 +65,8 @@ class Filters:
     """Return the cleaned text (written beside the shards of evaluation splits)."""
     dtypes: tuple[str, str]
     """Source and target id dtypes."""
+    tag: int | None = None
+    """Id put in front of every source sentence (the corpus' tag); None: none."""
 
 
 @dataclass
@@ -103,6 +105,8 @@ def encode_chunk(chunk: Chunk, f: Filters, vocab: Vocab, threads: int | None = N
     """Decode, clean, encode and filter one chunk; errors name the file and line."""
     src, tgt, empty = clean_pairs(*decode_chunk(chunk))
     src_ids, tgt_ids = vocab.encode_src(src, threads), vocab.encode_tgt(tgt, threads)
+    if f.tag is not None:
+        src_ids = [[f.tag, *ids] for ids in src_ids]
     s = np.fromiter(map(len, src_ids), dtype=np.int32, count=len(src_ids))
     t = np.fromiter(map(len, tgt_ids), dtype=np.int32, count=len(tgt_ids))
     dropped = {"empty": empty}
@@ -173,11 +177,73 @@ def _encoder(vocab: Vocab, procs: int) -> Iterator[Callable[[Iterable], Iterator
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _sample_text(cfg: RunConfig) -> tuple[list[str], list[str], int]:
+@dataclass(frozen=True)
+class Corpus:
+    """One corpus of a run: the `data:` block with its own keys, its name, weight and tag."""
+
+    name: str
+    data: DataConfig
+    weight: float = 1.0
+    tag: str | None = None
+    key: str = "data"
+    """Where it is configured, for error messages."""
+
+
+_CORPUS_KEYS = ("src_lang", "tgt_lang", "format", "dir", "splits", "hub_name", "hub_config", "src_field",
+                "tgt_field")
+
+
+def corpora(cfg: RunConfig) -> list[Corpus]:
+    """The run's corpora: `data.corpora`, each completed from the `data:` block, or that block alone."""
+    d = cfg.data
+    if not d.corpora:
+        return [Corpus(f"{d.src_lang}-{d.tgt_lang}", d)]
+    found = []
+    for i, c in enumerate(d.corpora):
+        data = replace(d, corpora=[], **{k: getattr(c, k) for k in _CORPUS_KEYS if getattr(c, k) is not None})
+        found.append(Corpus(c.name or f"{data.src_lang}-{data.tgt_lang}", data, c.weight, c.tag,
+                            f"data.corpora[{i}]"))
+    return found
+
+
+def _read_model(path: str, key: str) -> bytes:
+    try:
+        model = Path(path).read_bytes()
+        load_processor(model)
+    except FileNotFoundError:
+        raise UserError(f"{path}: SentencePiece model not found ({key})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({cause(exc)}) ({key})") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc} ({key})") from None
+    return model
+
+
+def given_vocab(tok: TokenizerConfig) -> tuple[Vocab, str] | None:
+    """The vocabulary the config brings (tokenizer.model, src_model + tgt_model, or from_model) and
+    where it comes from; None when prepare is to train one."""
+    if tok.from_model:
+        from mtkit.checkpoint import load_checkpoint, resolve_model
+
+        path = resolve_model(tok.from_model)
+        return Vocab.from_state(load_checkpoint(path)["vocab"]), str(path)
+    if tok.model:
+        return Vocab(_read_model(tok.model, "tokenizer.model")), tok.model
+    if tok.src_model:
+        models = (_read_model(tok.src_model, "tokenizer.src_model"),
+                  _read_model(tok.tgt_model, "tokenizer.tgt_model"))
+        return Vocab(*models), f"{tok.src_model} + {tok.tgt_model}"
+    return None
+
+
+def _train_chunks(found: list[Corpus]) -> Iterator[Chunk]:
+    return chain.from_iterable(read_chunks(c.data, "train", CHUNK_PAIRS) for c in found)
+
+
+def _sample_text(cfg: RunConfig, found: list[Corpus]) -> tuple[list[str], list[str], int]:
     """First pass over the training split: its cleaned sample for SentencePiece and its pair count."""
     with tqdm(desc="read train", unit=" pairs", disable=None, leave=False) as bar:
-        chunks = (bar.update(len(chunk.items)) or chunk
-                  for chunk in read_chunks(cfg.data, "train", CHUNK_PAIRS))
+        chunks = (bar.update(len(chunk.items)) or chunk for chunk in _train_chunks(found))
         sample, seen = sample_pairs(chunks, sample_size(cfg.tokenizer), cfg.tokenizer.seed)
     src, tgt = [], []
     while sample and sample.items:  # a slice at a time, freeing the raw pairs as their text is made
@@ -190,18 +256,33 @@ def _sample_text(cfg: RunConfig) -> tuple[list[str], list[str], int]:
     return src, tgt, seen
 
 
-def _train_vocab(cfg: RunConfig) -> tuple[Vocab, int]:
-    start = time.time()
-    src, tgt, seen = _sample_text(cfg)
+def _vocabulary(cfg: RunConfig, found: list[Corpus]) -> tuple[Vocab, int]:
+    """The vocabulary given by the config, or one trained on the training split; and its pair count."""
+    start, tok = time.time(), cfg.tokenizer
+    tags = sorted({c.tag for c in found if c.tag})
+    given = given_vocab(tok)
+    if given is not None:
+        vocab, source = given
+        for c in found:
+            if c.tag:
+                try:
+                    vocab.tag_id(c.tag)
+                except UserError:
+                    raise UserError(f"{c.key}.tag: {c.tag!r} is not a piece of {source}; a tag must be one "
+                                    "piece (a user-defined symbol of that SentencePiece model)") from None
+        seen = sum(len(chunk.items) for chunk in _train_chunks(found))
+        log.info("encoding %d training pairs with the SentencePiece model of %s (fingerprint %s)", seen,
+                 source, vocab.fingerprint)
+        return vocab, seen
+    src, tgt, seen = _sample_text(cfg, found)
     if not src:
         raise UserError("data.splits.train: no sentence pairs left after cleaning "
-                        f"({cfg.data.splits['train']})")
-    tok = cfg.tokenizer
+                        f"({', '.join(c.data.splits['train'] for c in found)})")
     log.info("read %d training pairs in %.1f s; training SentencePiece (%s, %d pieces, %s) on %d of them",
              seen, time.time() - start, tok.type, tok.vocab_size, "joint" if tok.joint else "separate",
              len(src))
     start = time.time()
-    vocab = train_vocab(src, tgt, tok)
+    vocab = train_vocab(src, tgt, tok, tags)
     log.info("trained SentencePiece in %.1f s", time.time() - start)
     return vocab, seen
 
@@ -222,29 +303,43 @@ class _TextWriter:
             f.close()
 
 
-def _write_split(encode: Callable, cfg: RunConfig, vocab: Vocab, name: str, tmp: Path) -> dict:
-    """Second pass over one split: encoded chunks -> (dedup) -> shards; returns its manifest entry."""
+def _write_split(encode: Callable, cfg: RunConfig, vocab: Vocab, name: str, tmp: Path,
+                 found: list[Corpus]) -> dict:
+    """Second pass over one split: each corpus' encoded chunks -> (dedup) -> shards, one after the
+    other; returns its manifest entry with each corpus' range of pairs."""
     d, train, start = cfg.data, name == "train", time.time()
-    f = Filters(d.max_tokens_per_sentence if train else None, d.max_length_ratio, train and d.dedup,
-                not train, (id_dtype(vocab.src_size).name, id_dtype(vocab.tgt_size).name))
-    writer = ShardWriter(tmp, name, d.shard_size, (np.dtype(f.dtypes[0]), np.dtype(f.dtypes[1])))
+    dtypes = (id_dtype(vocab.src_size).name, id_dtype(vocab.tgt_size).name)
+    writer = ShardWriter(tmp, name, d.shard_size, (np.dtype(dtypes[0]), np.dtype(dtypes[1])))
     text = None if train else _TextWriter(tmp, name)
-    seen = SeenPairs(tmp / ".dedup.sqlite") if f.hashes else None
+    seen = SeenPairs(tmp / ".dedup.sqlite") if train and d.dedup else None
     dropped = {"empty": 0, **({"too_long": 0, "length_ratio": 0} if train else {}),
                **({"duplicate": 0} if seen else {})}
+    parts, sources = [], []
     bar = tqdm(desc=f"encode {name}", unit=" pairs", disable=None, leave=False)
     try:
-        for enc in encode((chunk, f) for chunk in read_chunks(d, name, CHUNK_PAIRS)):
-            for key, count in enc.dropped.items():
+        for c in found:
+            f = Filters(d.max_tokens_per_sentence if train else None, d.max_length_ratio, seen is not None,
+                        not train, dtypes, vocab.tag_id(c.tag) if c.tag else None)
+            first, own = writer.pairs, dict.fromkeys(dropped, 0)
+            for enc in encode((chunk, f) for chunk in read_chunks(c.data, name, CHUNK_PAIRS)):
+                for key, count in enc.dropped.items():
+                    own[key] += count
+                if text:
+                    text.write(enc.text)
+                if seen:
+                    keep = seen.first_seen(enc.hashes)
+                    own["duplicate"] += int((~keep).sum())
+                    enc = enc.select(keep)
+                writer.append(enc.src, enc.src_lens, enc.tgt, enc.tgt_lens)
+                bar.update(len(enc.src_lens))
+            part = {"name": c.name, "src_lang": c.data.src_lang, "tgt_lang": c.data.tgt_lang, "tag": c.tag,
+                    "start": first, "pairs": writer.pairs - first, "dropped": own}
+            if train:
+                part.update(weight=c.weight, sampled_pairs=sampled_pairs(part["pairs"], c.weight))
+            parts.append(part)
+            sources += split_sources(c.data, name)
+            for key, count in own.items():
                 dropped[key] += count
-            if text:
-                text.write(enc.text)
-            if seen:
-                keep = seen.first_seen(enc.hashes)
-                dropped["duplicate"] += int((~keep).sum())
-                enc = enc.select(keep)
-            writer.append(enc.src, enc.src_lens, enc.tgt, enc.tgt_lens)
-            bar.update(len(enc.src_lens))
     finally:
         bar.close()
         entry = writer.close()
@@ -253,10 +348,13 @@ def _write_split(encode: Callable, cfg: RunConfig, vocab: Vocab, name: str, tmp:
         if seen:
             seen.close()
             (tmp / ".dedup.sqlite").unlink()
-    entry.update(dropped=dropped, sources=split_sources(d, name))
+    entry.update(dropped=dropped, sources=sources, corpora=parts)
     log.info("encoded %s in %.1f s: %d pairs, %d + %d tokens, %d shard(s); dropped %s", name,
              time.time() - start, entry["pairs"], entry["src_tokens"], entry["tgt_tokens"],
              len(entry["src"]["shards"]), dropped)
+    if train and any(c.weight != 1 for c in found):
+        log.info("training pairs per epoch with the corpus weights: %s", ", ".join(
+            f"{p['name']} {p['pairs']} x {p['weight']:g} = {p['sampled_pairs']}" for p in parts))
     return entry
 
 
@@ -268,7 +366,8 @@ def _write_manifest(cfg: RunConfig, vocab: Vocab, splits: dict, tmp: Path) -> No
         "format": FORMAT, "mtkit_version": __version__,
         "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang,
         "vocab": {"src_model": "spm.src.model", "tgt_model": None if vocab.joint else "spm.tgt.model",
-                  "src_size": vocab.src_size, "tgt_size": vocab.tgt_size, "joint": vocab.joint},
+                  "src_size": vocab.src_size, "tgt_size": vocab.tgt_size, "joint": vocab.joint,
+                  "fingerprint": vocab.fingerprint},
         "splits": splits, "config": config_to_dict(cfg),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -317,13 +416,15 @@ def prepare(cfg: RunConfig, force: bool = False) -> Path:
     with exclusive(out.parent / f".{out.name}.lock", str(out), remove=True):
         _remove_leftovers(out)
         _check_replaceable(out, force)  # again: another process may have written it meanwhile
-        start = time.time()
-        vocab, train_pairs = _train_vocab(cfg)
+        start, found = time.time(), corpora(cfg)
+        vocab, train_pairs = _vocabulary(cfg, found)
+        names = list(dict.fromkeys(name for c in found for name in c.data.splits))
         with atomic_dir(out) as tmp:  # the old directory stays until the new one is complete
             procs = _num_proc(cfg, train_pairs)
             log.info("encoding with %d process%s", procs, "es" if procs > 1 else "")
             with _encoder(vocab, procs) as encode:
-                splits = {name: _write_split(encode, cfg, vocab, name, tmp) for name in cfg.data.splits}
+                splits = {name: _write_split(encode, cfg, vocab, name, tmp,
+                                             [c for c in found if name in c.data.splits]) for name in names}
             _write_manifest(cfg, vocab, splits, tmp)
     log.info("prepared %s in %.1f s", out, time.time() - start)
     return out

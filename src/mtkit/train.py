@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import tee
 from pathlib import Path
@@ -33,13 +33,14 @@ from mtkit.checkpoint import (
     load_checkpoint,
     prune,
     remove_stray_temps,
+    resolve_model,
     save_checkpoint,
     step_checkpoints,
 )
 from mtkit.config import RunConfig, config_to_dict, parse_duration, save_config
 from mtkit.curves import plot_curves
 from mtkit.data.batching import collate, rank_batches, step_groups, token_batches
-from mtkit.data.shards import PreparedData, TokenArray
+from mtkit.data.shards import PreparedData, Selection, TokenArray
 from mtkit.data.vocab import PAD, Vocab
 from mtkit.device import Precision, choose_precision, describe, versions
 from mtkit.engine import (
@@ -56,6 +57,7 @@ from mtkit.errors import UserError
 from mtkit.evaluate import score
 from mtkit.io import exclusive, write_text
 from mtkit.model import Transformer, count_parameters
+from mtkit.prepare import given_vocab
 from mtkit.translate import Translator
 
 log = logging.getLogger("mtkit")
@@ -64,7 +66,7 @@ log = logging.getLogger("mtkit")
 RESUMABLE_CHANGES = ("train.run_dir", "train.max_steps", "train.max_epochs", "train.max_time",
                      "train.valid_every", "train.log_every", "train.keep_last", "train.patience",
                      "train.device", "train.threads", "train.valid_bleu_sentences", "train.compile",
-                     "decode.", "data.num_proc", "data.shard_size")
+                     "decode.", "data.num_proc", "data.shard_size", "train.init_from")
 MAX_BAD_STEPS = 10
 STARTS = "starts.jsonl"  # one line per invocation: versions, hardware, precision
 LOCK = ".lock"  # held by the training process (its pid inside) while it runs
@@ -88,6 +90,7 @@ class TrainState:
     max_tokens: int | None = None
     history: list = field(default_factory=list)
     elapsed: float = 0.0  # seconds of training up to this state, over every invocation
+    init_from: dict | None = None  # the model a fine-tuning run started from: path, step, fingerprint
 
 
 class Clock:
@@ -138,7 +141,7 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class _Pairs(Dataset):
-    def __init__(self, src: TokenArray, tgt: TokenArray):
+    def __init__(self, src: TokenArray | Selection, tgt: TokenArray | Selection):
         self.src, self.tgt = src, tgt
 
     def __len__(self) -> int:
@@ -169,44 +172,72 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-@torch.no_grad()
-def validate(model: Transformer, translator: Translator, data: PreparedData, cfg: RunConfig,
-             autocast: ComputeContext, max_tokens: int) -> dict:
-    """Validation loss (per target token, the training model as it is) and sacreBLEU of beam
-    search on the validation set (on CPU with a copy installed with the CPU backend: same
-    outputs, faster)."""
-    model.eval()
-    src, tgt = data.split("valid")
+def _valid_loss(model: Transformer, src: TokenArray, tgt: TokenArray, lo: int, hi: int,
+                autocast: ComputeContext, max_tokens: int, device: torch.device) -> tuple[float, int]:
+    """Summed target-token NLL (no smoothing) of the validation pairs lo..hi, and their token count."""
     nll_sum, tokens = 0.0, 0
-    for idx in token_batches(src.lengths, tgt.lengths, max_tokens):
-        batch = _to_device(collate([src[i] for i in idx], [tgt[i] for i in idx]), translator.device)
+    for idx in token_batches(src.lengths[lo:hi], tgt.lengths[lo:hi], max_tokens):
+        batch = _to_device(collate([src[lo + i] for i in idx], [tgt[lo + i] for i in idx]), device)
         with autocast:
             logits = model(batch["src"], batch["tgt_in"])
         nll_sum += label_smoothed_loss(logits, batch["tgt_out"], 0.0)[1].item()
         tokens += int((batch["tgt_out"] != PAD).sum())
-    n = cfg.train.valid_bleu_sentences
-    src_text, refs = data.text("valid", "src")[:n], data.text("valid", "tgt")[:n]
+    return nll_sum, tokens
+
+
+def _perplexity(nll: float) -> float:
+    return math.exp(min(nll, 50))
+
+
+@torch.no_grad()
+def validate(model: Transformer, translator: Translator, data: PreparedData, cfg: RunConfig,
+             autocast: ComputeContext, max_tokens: int) -> dict:
+    """Validation loss (per target token, the training model as it is) and sacreBLEU of beam
+    search (BLEU tokenized for the target language; on CPU with a copy installed with the CPU
+    backend: same outputs, faster), for each corpus with a validation split (a direction: its tag
+    in front of its sources). With several, `directions` holds each one's figures, valid_loss is
+    over all their tokens and valid_bleu the mean of their BLEU."""
+    model.eval()
+    src, tgt = data.split("valid")
+    src_text, refs = data.text("valid", "src"), data.text("valid", "tgt")
     if translator.device.type == "cpu":
         decoder = copy.deepcopy(model)
-        translator = Translator(decoder, translator.vocab, translator.decode, translator.device,
-                                precision=translator.precision,
-                                backend=inference.install(decoder, translator.device))
-    hyps = translator.translate(src_text)
-    bleu = score(hyps, [refs], metrics=("bleu",))["bleu"]
+        backend = inference.install(decoder, translator.device)
+    else:
+        decoder, backend = translator.model, translator.backend
+    directions, nll_all, tokens_all = {}, 0.0, 0
+    for c in (c for c in data.corpora("valid") if c["pairs"]):
+        lo, hi = c["start"], c["start"] + c["pairs"]
+        nll_sum, tokens = _valid_loss(model, src, tgt, lo, hi, autocast, max_tokens, translator.device)
+        nll_all, tokens_all = nll_all + nll_sum, tokens_all + tokens
+        n = min(c["pairs"], cfg.train.valid_bleu_sentences or c["pairs"])
+        search = Translator(decoder, translator.vocab, replace(translator.decode, prefix=c["tag"]),
+                            translator.device, precision=translator.precision, backend=backend)
+        hyps = search.translate(src_text[lo : lo + n])
+        bleu = score(hyps, [refs[lo : lo + n]], metrics=("bleu",), lang=c["tgt_lang"])["bleu"]
+        loss = nll_sum / max(tokens, 1)
+        directions[c["name"]] = {"valid_loss": loss, "valid_ppl": _perplexity(loss), "valid_bleu": bleu}
     model.train()
-    return {"valid_loss": nll_sum / max(tokens, 1), "valid_ppl": math.exp(min(nll_sum / max(tokens, 1), 50)),
-            "valid_bleu": bleu}
+    loss = nll_all / max(tokens_all, 1)
+    record = {"valid_loss": loss, "valid_ppl": _perplexity(loss),
+              "valid_bleu": sum(d["valid_bleu"] for d in directions.values()) / len(directions)}
+    if len(directions) > 1:
+        record["directions"] = directions
+    return record
 
 
 def _checkpoint(run: Run, state: TrainState, with_train_state: bool = True) -> dict:
     ckpt = {"model": run.model.state_dict(), "config": config_to_dict(run.cfg),
-            "vocab": run.data.vocab.to_state(), "step": state.step}
+            "vocab": run.data.vocab.to_state(), "vocab_fingerprint": run.data.fingerprint, "step": state.step}
+    if state.init_from:
+        ckpt["init_from"] = state.init_from
     if with_train_state:
         ckpt["train_state"] = {
             "optimizer": run.optimizer.state_dict(), "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch, "best_bleu": state.best_bleu,
             "bad_validations": state.bad_validations, "max_tokens": state.max_tokens,
             "history": state.history, "torch_rng": torch.get_rng_state(), "elapsed": state.elapsed,
+            "init_from": state.init_from,
         }
         if run.autocast.scaler is not None:
             ckpt["train_state"]["grad_scaler"] = run.autocast.scaler.state_dict()
@@ -262,7 +293,8 @@ def _restore(model, optimizer, autocast: ComputeContext, cfg: RunConfig, run_dir
     if autocast.scaler is not None and "grad_scaler" in ts:
         autocast.scaler.load_state_dict(ts["grad_scaler"])
     state = TrainState(ckpt["step"], ts["epoch"], ts["batch_in_epoch"], ts["best_bleu"],
-                       ts["bad_validations"], ts.get("max_tokens"), ts["history"], ts.get("elapsed", 0.0))
+                       ts["bad_validations"], ts.get("max_tokens"), ts["history"], ts.get("elapsed", 0.0),
+                       ts.get("init_from"))
     log_path = run_dir / "log.jsonl"
     if main and log_path.exists():  # forget what was logged after the checkpoint: those steps run again
         kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= state.step]
@@ -357,6 +389,10 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False) -> Path:
 
 def _check_data(cfg: RunConfig, data: PreparedData) -> None:
     """What the run will need of the prepared data, checked before any work."""
+    given = given_vocab(cfg.tokenizer)
+    if given is not None and given[0].fingerprint != data.fingerprint:
+        raise UserError(f"{data.dir}: prepared with the vocabulary {data.fingerprint}, but the config's "
+                        f"tokenizer ({given[1]}) is {given[0].fingerprint}: run mtkit prepare again")
     src, _ = data.split("valid")
     if len(src) == 0:
         raise UserError(f"{data.dir}: the validation split is empty (data.splits.valid); "
@@ -383,6 +419,8 @@ def _train(cfg: RunConfig, data: PreparedData, ranks: Dist, device: torch.device
     optimizer = make_optimizer(model, t)
     state = (_restore(model, optimizer, autocast, cfg, run_dir, force, ranks.main, data.vocab) if resume
              else TrainState())
+    if t.init_from and not resume:
+        state.init_from = _init_weights(model, cfg, data)
     clock.before = state.elapsed
     if state.max_tokens is None:  # resolved once per run, so resume rebuilds the same batches
         longest = max(a.longest for a in data.split("train")) + 1  # from the manifest: no scan
@@ -402,10 +440,41 @@ def _train(cfg: RunConfig, data: PreparedData, ranks: Dist, device: torch.device
     _loop(run, state)
 
 
+STRUCTURE = ("d_model", "n_heads", "d_ff", "n_layers", "norm", "share_embeddings")
+"""Model keys that must agree for one model's weights to start another run (dropout and
+max_positions may differ: they hold no weights)."""
+
+
+def _init_weights(model: Transformer, cfg: RunConfig, data: PreparedData) -> dict:
+    """Fine-tuning: the weights of train.init_from, nothing else (optimizer, schedule and step start
+    afresh); its model dimensions and vocabulary must be this run's."""
+    path = resolve_model(cfg.train.init_from)
+    ckpt = load_checkpoint(path)
+    theirs, ours = ckpt["config"].get("model", {}), config_to_dict(cfg)["model"]
+    differ = [f"model.{k} ({theirs.get(k)!r} there, {ours[k]!r} here)" for k in STRUCTURE
+              if theirs.get(k) != ours[k]]
+    if differ:
+        raise UserError(f"{path}: train.init_from has other model dimensions than this config: "
+                        f"{'; '.join(differ)}")
+    fingerprint = Vocab.from_state(ckpt["vocab"]).fingerprint
+    if fingerprint != data.fingerprint:
+        raise UserError(f"{path}: train.init_from's vocabulary (fingerprint {fingerprint}) is not that of "
+                        f"{data.dir} ({data.fingerprint}); prepare with tokenizer.from_model: {path}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: its weights do not fit the model of this config "
+                        f"({str(exc).splitlines()[-1].strip()[:160]})") from None
+    log.info("initialised from %s (step %d, vocabulary %s): fresh optimizer, schedule and step counter",
+             path, ckpt["step"], fingerprint)
+    return {"path": str(path), "step": ckpt["step"], "fingerprint": fingerprint}
+
+
 def _record_start(run_dir: Path, device: torch.device, precision: Precision, resume: bool, state: TrainState,
                   ranks: Dist, clock: Clock) -> None:
     """One line per invocation in RUN_DIR/starts.jsonl: versions, hardware and the precision chosen."""
-    record = {**clock.stamp(), "step": state.step, "resumed": resume, "hardware": describe(device),
+    record = {**clock.stamp(), "step": state.step, "resumed": resume, "init_from": state.init_from,
+              "hardware": describe(device),
               "precision": precision.name, "precision_reason": precision.reason,
               "threads": torch.get_num_threads(), "ranks": ranks.world, "versions": versions()}
     with open(run_dir / STARTS, "a" if resume else "w", encoding="utf-8") as f:
@@ -499,7 +568,10 @@ class _Progress:
 def _open_log(run: Run, state: TrainState):
     """log.jsonl for appending; a fresh start (step 0) starts a fresh log."""
     path = run.run_dir / "log.jsonl"
-    return open(path, "a" if state.step else "w", encoding="utf-8")
+    log_file = open(path, "a" if state.step else "w", encoding="utf-8")  # closed by _loop
+    if not state.step and state.init_from:
+        _write(log_file, {"step": 0, **run.clock.stamp(), "init_from": state.init_from})
+    return log_file
 
 
 def _loop(run: Run, state: TrainState) -> None:
@@ -536,7 +608,7 @@ def _out_of_time(run: Run, state: TrainState, reserve: float) -> bool:
 def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
     """Steps, logging, validation, checkpoints, until a reason to stop, which it returns."""
     cfg, t, ranks = run.cfg, run.cfg.train, run.ranks
-    src, tgt = run.data.split("train")
+    src, tgt = run.data.training_pairs()
     group_size = t.accum_steps * ranks.world
     run.model.train()
     window, parts, lr = _Window(run.device), 1, 0.0

@@ -128,6 +128,44 @@ class TokenArray:
         return self.shards[int(i) // self.shard_size][start : start + int(self.lengths[i])]
 
 
+def sampled_pairs(pairs: int, weight: float) -> int:
+    """Pairs of a corpus in each epoch at `weight`: every pair floor(weight) times, and a fixed random
+    share (the fraction) once more."""
+    whole, fraction = divmod(weight, 1.0)
+    return int(whole) * pairs + round(fraction * pairs)
+
+
+def weighted_index(corpora: list[dict]) -> np.ndarray | None:
+    """Indices of the training pairs of one epoch with the corpus weights (a pair repeated as often as
+    its corpus' weight says); None when every weight is 1."""
+    if all(c.get("weight", 1.0) == 1.0 for c in corpora):
+        return None
+    parts = []
+    for i, c in enumerate(corpora):
+        ids = np.arange(c["start"], c["start"] + c["pairs"], dtype=np.int64)
+        whole, fraction = divmod(c["weight"], 1.0)
+        parts += [ids] * int(whole)
+        extra = round(fraction * c["pairs"])
+        if extra:  # the same share every epoch and every run: the manifest counts it
+            parts.append(np.sort(np.random.default_rng(i).permutation(ids)[:extra]))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class Selection:
+    """Some sentences of a TokenArray, in a given order (repeats allowed): a weighted training split."""
+
+    def __init__(self, base: TokenArray, index: np.ndarray):
+        self.base, self.index = base, index
+        self.lengths = np.asarray(base.lengths)[index]
+        self.longest = base.longest
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.base[int(self.index[i])]
+
+
 class PreparedData:
     """A directory written by `prepare`: manifest, SentencePiece models and per-split shards."""
 
@@ -162,6 +200,27 @@ class PreparedData:
         info = self.manifest["splits"][name]
         return (TokenArray(self.dir, info["src"], info["pairs"], info["shard_size"]),
                 TokenArray(self.dir, info["tgt"], info["pairs"], info["shard_size"]))
+
+    def corpora(self, name: str) -> list[dict]:
+        """The corpora of a split: name, src_lang, tgt_lang, tag, start, pairs (and weight for train)."""
+        info = self.manifest["splits"][name]
+        if "corpora" in info:
+            return info["corpora"]
+        m = self.manifest
+        return [{"name": f"{m['src_lang']}-{m['tgt_lang']}", "src_lang": m["src_lang"],
+                 "tgt_lang": m["tgt_lang"], "tag": None, "start": 0, "pairs": info["pairs"], "weight": 1.0}]
+
+    def training_pairs(self) -> tuple[TokenArray | Selection, TokenArray | Selection]:
+        """The training split as one epoch sees it: every corpus at its weight."""
+        src, tgt = self.split("train")
+        index = weighted_index(self.corpora("train"))
+        if index is None:
+            return src, tgt
+        return Selection(src, index), Selection(tgt, index)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.vocab.fingerprint
 
     def text(self, name: str, side: str) -> list[str]:
         """The cleaned text of an evaluation split, as written beside the shards (for validation BLEU)."""

@@ -51,8 +51,9 @@ def sample_pairs(chunks: Iterable[Chunk], size: int | None, seed: int) -> tuple[
     return Chunk(head.kind, head.names, items, numbers=numbers), seen
 
 
-def train_sentencepiece(sentences: list[str], cfg: TokenizerConfig) -> bytes:
-    """Train a SentencePiece model on `sentences` (already a sample); return the serialized model."""
+def train_sentencepiece(sentences: list[str], cfg: TokenizerConfig, symbols: Iterable[str] = ()) -> bytes:
+    """Train a SentencePiece model on `sentences` (already a sample); return the serialized model.
+    `symbols` (corpus tags) become user-defined pieces: each is always one piece, never split."""
     buffer = io.BytesIO()
     options = dict(
         sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=cfg.vocab_size,
@@ -60,6 +61,8 @@ def train_sentencepiece(sentences: list[str], cfg: TokenizerConfig) -> bytes:
         byte_fallback=cfg.byte_fallback, num_threads=os.cpu_count() or 1, minloglevel=2,
         **SPECIAL_IDS,
     )
+    if symbols:
+        options["user_defined_symbols"] = list(symbols)
     try:
         spm.SentencePieceTrainer.train(**options)
     except RuntimeError as exc:
@@ -68,11 +71,11 @@ def train_sentencepiece(sentences: list[str], cfg: TokenizerConfig) -> bytes:
     return buffer.getvalue()
 
 
-def train_vocab(src: list[str], tgt: list[str], cfg: TokenizerConfig) -> Vocab:
-    """One joint model on both sides, or one model per side."""
+def train_vocab(src: list[str], tgt: list[str], cfg: TokenizerConfig, symbols: Iterable[str] = ()) -> Vocab:
+    """One joint model on both sides, or one model per side (tags on the source side)."""
     if cfg.joint:
-        return Vocab(train_sentencepiece(src + tgt, cfg))
-    return Vocab(train_sentencepiece(src, cfg), train_sentencepiece(tgt, cfg))
+        return Vocab(train_sentencepiece(src + tgt, cfg, symbols))
+    return Vocab(train_sentencepiece(src, cfg, symbols), train_sentencepiece(tgt, cfg))
 
 
 def load_processor(model: bytes) -> spm.SentencePieceProcessor:
@@ -84,13 +87,83 @@ def load_processor(model: bytes) -> spm.SentencePieceProcessor:
         raise ValueError(f"not a SentencePiece model ({str(exc).strip()[:120]})") from None
 
 
+SPECIAL_NAMES = ("<pad>", "<unk>", "<s>", "</s>")
+"""How a special the SentencePiece model lacks (many have no pad or bos piece) is shown."""
+
+
+class Subwords:
+    """One SentencePiece model seen through mtkit's ids: PAD, UNK, BOS, EOS are 0-3 whatever ids the
+    model gives them (or lacks), its other pieces follow in their order. A model made by mtkit has
+    those ids already, and its ids pass through unchanged."""
+
+    def __init__(self, model: bytes):
+        self.model = model
+        self.sp = load_processor(model)
+        own = [self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()]  # -1: absent
+        n = self.sp.get_piece_size()
+        if own == [PAD, UNK, BOS, EOS]:
+            self.to_spm = self.from_spm = None
+            self.size = n
+            return
+        specials = {i for i in own if i >= 0}
+        others = [i for i in range(n) if i not in specials]
+        self.to_spm = np.array(own + others, dtype=np.int64)  # mtkit id -> SentencePiece id (-1: none)
+        self.from_spm = np.empty(n, dtype=np.int64)  # SentencePiece id -> mtkit id
+        self.from_spm[others] = np.arange(4, 4 + len(others))
+        for ours, theirs in enumerate(own):
+            if theirs >= 0:
+                self.from_spm[theirs] = ours
+        self.size = 4 + len(others)
+
+    @property
+    def mapped(self) -> bool:
+        """True when the model's special ids are not mtkit's (its ids are translated)."""
+        return self.to_spm is not None
+
+    def encode(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
+        ids = self.sp.encode(lines, num_threads=num_threads)
+        if self.from_spm is None:
+            return ids
+        return [self.from_spm[x].tolist() if x else [] for x in ids]
+
+    def _theirs(self, ids: Iterable[int]) -> list[int]:
+        if self.to_spm is None:
+            return list(ids)
+        return [t for t in (int(self.to_spm[i]) for i in ids) if t >= 0]
+
+    def decode(self, ids: list[int]) -> str:
+        """One sentence's text; specials are not text."""
+        return self.sp.decode(self._theirs(ids))
+
+    def decode_many(self, ids: list[list[int]]) -> list[str]:
+        return self.sp.decode([self._theirs(x) for x in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        if self.to_spm is None:
+            return self.sp.id_to_piece(int(i))
+        theirs = int(self.to_spm[i])
+        return self.sp.id_to_piece(theirs) if theirs >= 0 else SPECIAL_NAMES[i]
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """mtkit's id of a piece; None when the model lacks it."""
+        theirs = self.sp.piece_to_id(piece)
+        if self.sp.is_unknown(theirs) and piece != self.sp.id_to_piece(theirs):
+            return None
+        return theirs if self.from_spm is None else int(self.from_spm[theirs])
+
+    @property
+    def pieces(self) -> list[str]:
+        """Every piece by mtkit id."""
+        return [self.id_to_piece(i) for i in range(self.size)]
+
+
 class Vocab:
     """Source and target subword models (the same one when the vocabulary is joint)."""
 
     def __init__(self, src_model: bytes, tgt_model: bytes | None = None):
         self.src_model, self.tgt_model = src_model, tgt_model or src_model
-        self.src = load_processor(self.src_model)
-        self.tgt = self.src if tgt_model is None else load_processor(self.tgt_model)
+        self.src = Subwords(self.src_model)
+        self.tgt = self.src if tgt_model is None else Subwords(self.tgt_model)
 
     @property
     def joint(self) -> bool:
@@ -98,20 +171,20 @@ class Vocab:
 
     @property
     def src_size(self) -> int:
-        return self.src.get_piece_size()
+        return self.src.size
 
     @property
     def tgt_size(self) -> int:
-        return self.tgt.get_piece_size()
+        return self.tgt.size
 
     def encode_src(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
-        return self.src.encode(lines, num_threads=num_threads)
+        return self.src.encode(lines, num_threads)
 
     def encode_tgt(self, lines: list[str], num_threads: int | None = None) -> list[list[int]]:
-        return self.tgt.encode(lines, num_threads=num_threads)
+        return self.tgt.encode(lines, num_threads)
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
-        return self.tgt.decode(ids)
+        return self.tgt.decode_many(ids)
 
     def src_pieces_of(self, ids: list[int]) -> list[str]:
         return [self.src.id_to_piece(i) for i in ids]
@@ -123,9 +196,10 @@ class Vocab:
         """The source id of a tag (a piece of its own, e.g. <2en> or <BT>) to put in front of a
         sentence; a tag the vocabulary lacks is an error naming it."""
         i = self.src.piece_to_id(tag)
-        if i == self.src.unk_id() or self.src.is_unknown(i):
-            raise UserError(f"tag {tag!r} is not a piece of this vocabulary; a tag is given to the "
-                            "corpora of the run (data.corpora[].tag) before prepare")
+        if i is None or i < 4:
+            raise UserError(f"tag {tag!r} is not a piece of this vocabulary: a tag is one piece, made when "
+                            "prepare trains the SentencePiece model of corpora tagged with it "
+                            "(data.corpora[].tag), or a user-defined symbol of a model you bring")
         return i
 
     @property
