@@ -75,9 +75,22 @@ def missing_docs() -> list[str]:
 
 
 def config_classes() -> list[type]:
-    """RunConfig and the dataclass of each of its blocks."""
+    """RunConfig, the dataclass of each of its blocks, and the dataclasses inside blocks (list items)."""
     hints = typing.get_type_hints(config.RunConfig)
-    return [config.RunConfig, *(hints[f.name] for f in dataclasses.fields(config.RunConfig))]
+    return [config.RunConfig, *(hints[f.name] for f in dataclasses.fields(config.RunConfig)),
+            *(cls for _, cls in nested_blocks())]
+
+
+def nested_blocks() -> list[tuple[str, type]]:
+    """(key, dataclass) of every list of dataclasses inside a block, e.g. ("data.corpora[]", CorpusConfig)."""
+    found = []
+    hints = typing.get_type_hints(config.RunConfig)
+    for block in dataclasses.fields(config.RunConfig):
+        for name, tp in typing.get_type_hints(hints[block.name]).items():
+            args = typing.get_args(tp)
+            if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+                found.append((f"{block.name}.{name}[]", args[0]))
+    return found
 
 
 def type_name(tp: Any) -> str:
@@ -91,6 +104,8 @@ def type_name(tp: Any) -> str:
         return " or ".join(f'"{a}"' for a in args)
     if origin is dict:
         return f"mapping of {type_name(args[0])} to {type_name(args[1])}"
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return "list of mappings (keys below)"
     if origin in (tuple, list):
         return "[" + ", ".join(type_name(a) for a in args) + "]"
     return getattr(tp, "__name__", str(tp))
@@ -131,17 +146,17 @@ def generate() -> str:
     out = [INTRO]
     hints = typing.get_type_hints(config.RunConfig)
     block_docs = field_docs(config.RunConfig)
-    for block in dataclasses.fields(config.RunConfig):
-        cls = hints[block.name]
+    blocks = [(block.name, hints[block.name]) for block in dataclasses.fields(config.RunConfig)]
+    for name, cls in [*blocks, *nested_blocks()]:
         docs, types_ = field_docs(cls), typing.get_type_hints(cls)
-        out.append(f"## {block.name}\n")
-        out.append(f"{cell(inspect.getdoc(cls) or block_docs.get(block.name, ''))}\n")
+        out.append(f"## {name}\n")
+        out.append(f"{cell(inspect.getdoc(cls) or block_docs.get(name, ''))}\n")
         out.append("| key | type | default | description |")
         out.append("|---|---|---|---|")
         for f in dataclasses.fields(cls):
             default = default_of(f)
             shown = "(required)" if default is dataclasses.MISSING else f"`{yaml_value(default)}`"
-            out.append(f"| `{block.name}.{f.name}` | {cell(type_name(types_[f.name]))} | {shown} | "
+            out.append(f"| `{name}.{f.name}` | {cell(type_name(types_[f.name]))} | {shown} | "
                        f"{cell(docs.get(f.name, ''))} |")
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"

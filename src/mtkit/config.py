@@ -95,8 +95,8 @@ class DataConfig:
     shard_size: int = 1_000_000
     """Pairs per binary shard file of a prepared split."""
     corpora: list[CorpusConfig] = field(default_factory=list)
-    """Several corpora (directions, back-translations) in one run, each a mapping of `CorpusConfig`
-    keys; empty: the one corpus this block describes."""
+    """Several corpora (directions, back-translations) in one run, each a mapping of the keys of
+    `data.corpora[]`; empty: the one corpus this block describes."""
 
 
 @dataclass
