@@ -202,3 +202,24 @@ def test_two_corpora_of_one_direction_need_names(work):
     raw["data"]["corpora"] = [{}, {"weight": 2}]
     with pytest.raises(UserError, match=r"data.corpora\[1\]: another corpus is named 'xx-yy'"):
         config_from_dict(raw)
+
+
+def test_one_model_per_side_keeps_two_vocabularies(work):
+    def side_model(name: str, files: tuple[str, ...], size: int) -> Path:
+        text = [line for f in files for line in (work / f).read_text().splitlines()]
+        buffer = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buffer, vocab_size=size,
+                                       minloglevel=2)  # SentencePiece's defaults: unk 0, bos 1, eos 2, no pad
+        (work / name).write_bytes(buffer.getvalue())
+        return work / name
+
+    src, tgt = side_model("src.model", ("train.xx",), 30), side_model("tgt.model", ("train.yy",), 33)
+    raw = _config(work, "sides", **{"tokenizer.src_model": str(src), "tokenizer.tgt_model": str(tgt),
+                                    "tokenizer.joint": False, "model.share_embeddings": False})
+    data = PreparedData(prepare(config_from_dict(raw)))
+    assert not data.vocab.joint and (data.vocab.src_size, data.vocab.tgt_size) == (31, 34)
+    _, tgt_ids = data.split("train")
+    assert data.vocab.decode_tgt([tgt_ids[0].tolist()]) == [(work / "train.yy").read_text().splitlines()[0]]
+    raw["tokenizer"]["joint"] = True
+    with pytest.raises(UserError, match="set tokenizer.joint: false"):
+        config_from_dict(raw)

@@ -694,8 +694,10 @@ def _validate_and_save_main(run: Run, state: TrainState, progress: _Progress, lo
     record = {"step": state.step, "epoch": state.epoch + 1, **metrics, **run.clock.stamp()}
     state.history.append(record)
     _write(log_file, record)
+    each = "".join(f"; {name} loss {d['valid_loss']:.3f}, BLEU {d['valid_bleu']:.2f}"
+                   for name, d in metrics.get("directions", {}).items())
     progress.say(f"step {state.step}: valid loss {metrics['valid_loss']:.3f}, "
-                 f"ppl {metrics['valid_ppl']:.2f}, BLEU {metrics['valid_bleu']:.2f}")
+                 f"ppl {metrics['valid_ppl']:.2f}, BLEU {metrics['valid_bleu']:.2f}{each}")
     improved = state.best_bleu is None or metrics["valid_bleu"] > state.best_bleu
     if improved:
         state.best_bleu, state.bad_validations = metrics["valid_bleu"], 0
