@@ -61,7 +61,8 @@ def base(work) -> Path:
 
 def test_init_from_starts_at_step_one_with_the_old_weights_and_a_fresh_optimizer(work, base):
     raw = _config(work, "base", **{"train.run_dir": str(work / "tuned"), "train.max_steps": 1,
-                                   "train.lr_factor": 1e-6, "train.init_from": str(base), "train.log_every": 1})
+                                   "train.lr_factor": 1e-6, "train.init_from": str(base),
+                                   "train.log_every": 1})
     train(config_from_dict(raw))
     old = load_checkpoint(step_checkpoints(base / "checkpoints")[-1])
     new = load_checkpoint(step_checkpoints(work / "tuned" / "checkpoints")[-1])
@@ -131,7 +132,8 @@ def test_a_model_with_foreign_special_ids_prepares_trains_and_translates(work):
     line = "the small dog runs"
     ids = vocab.encode_src([line])[0]
     assert min(ids) >= 4 and vocab.decode_tgt([ids]) == [line]
-    assert vocab.src_pieces_of([PAD, UNK, BOS, EOS]) == ["<pad>", sp.id_to_piece(0), "<s>", sp.id_to_piece(1)]
+    specials = vocab.src_pieces_of([PAD, UNK, BOS, EOS])
+    assert specials == ["<pad>", sp.id_to_piece(0), "<s>", sp.id_to_piece(1)]
     assert [vocab.src.id_to_piece(i) for i in ids] == sp.encode(line, out_type=str)
 
     raw = _config(work, "foreign", **{"tokenizer.model": str(work / "foreign.model")})
@@ -149,7 +151,8 @@ def test_a_model_with_foreign_special_ids_prepares_trains_and_translates(work):
 
 def test_a_missing_or_broken_model_file_is_one_line(work):
     (work / "broken.model").write_bytes(b"not a model")
-    (work / "bad.yaml").write_text(yaml.safe_dump(_config(work, "bad", **{"tokenizer.model": "broken.model"})))
+    bad = _config(work, "bad", **{"tokenizer.model": "broken.model"})
+    (work / "bad.yaml").write_text(yaml.safe_dump(bad))
     one_error(mtkit("prepare", "bad.yaml", cwd=work), "broken.model", "tokenizer.model")
     (work / "gone.yaml").write_text(yaml.safe_dump(_config(work, "bad", **{"tokenizer.model": "gone.model"})))
     one_error(mtkit("prepare", "gone.yaml", cwd=work), "gone.model", "not found")

@@ -123,7 +123,12 @@ def train(config: ConfigArg, set_: SetOpt = None,
 
 def _load_translator(model: Path | None, beam: int | None, alpha: float | None, greedy: bool,
                      max_tokens: int | None, device: str, quantize: str | None = None,
-                     early_exit: bool | None = None, workers: int = 1, stopping: str | None = None):
+                     early_exit: bool | None = None, workers: int = 1, stopping: str | None = None,
+                     **decode):
+    """A Translator for `model` with the options given (None: the model's decode config);
+    `decode`: more DecodeConfig fields (sample, top_k, top_p, temperature, seed, prefix)."""
+    import math
+
     from mtkit.inference.cpu import tune_process
     from mtkit.translate import Translator
 
@@ -131,9 +136,14 @@ def _load_translator(model: Path | None, beam: int | None, alpha: float | None, 
         raise UserError("--model/-m is required: a checkpoint file or a run directory")
     if stopping not in (None, "finished", "bound"):
         raise UserError(f"--stopping {stopping!r}: expected finished or bound")
+    top_p, temperature = decode.get("top_p"), decode.get("temperature")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top-p {top_p}: expected a number in (0, 1]")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0.0):
+        raise UserError(f"--temperature {temperature}: expected a positive number")
     translator = Translator.load(model, device, quantize, workers, beam_size=1 if greedy else beam,
                                  length_penalty=alpha, max_tokens=max_tokens, early_exit=early_exit,
-                                 stopping=stopping)
+                                 stopping=stopping, **decode)
     if translator.device.type == "cpu":
         tune_process()  # process-wide allocator tuning: this process only decodes
     return translator
@@ -191,12 +201,34 @@ def translate(model: ModelOpt = None,
                   "heads)."))] = None,
               errors: Annotated[str, typer.Option("--errors", metavar="strict|replace", help=(
                   "Invalid UTF-8 in the input: strict stops with the line number; replace translates "
-                  "it with U+FFFD and warns."))] = "strict"):
+                  "it with U+FFFD and warns."))] = "strict",
+              sample: Annotated[Optional[bool], typer.Option("--sample/--no-sample", help=(
+                  "Draw each next token from the model's distribution instead of searching "
+                  "(back-translation): one output per line, reproducible under --seed whatever "
+                  "--max-tokens, --window or --workers (default: decode.sample)."))] = None,
+              top_k: Annotated[Optional[int], typer.Option("--top-k", min=0, help=(
+                  "Sampling: draw from the K most probable tokens only; 0: all "
+                  "(default: decode.top_k)."))] = None,
+              top_p: Annotated[Optional[float], typer.Option("--top-p", help=(
+                  "Sampling: draw from the smallest set of tokens whose probability reaches P "
+                  "(nucleus, after --top-k); 1: all (default: decode.top_p)."))] = None,
+              temperature: Annotated[Optional[float], typer.Option("--temperature", help=(
+                  "Sampling: divide the logits by T (<1 sharper, >1 flatter) "
+                  "(default: decode.temperature)."))] = None,
+              seed: Annotated[Optional[int], typer.Option("--seed", min=0, help=(
+                  "Sampling: seed of the draws; a line's output depends on the seed, the model, "
+                  "the line and its position in the input (default: decode.seed)."))] = None,
+              prefix: Annotated[Optional[str], typer.Option("--prefix", metavar="TAG", help=(
+                  "Put this tag (a piece of the vocabulary, e.g. <2en> or <BT>) in front of every "
+                  "source line, as data.corpora[].tag did in training (default: "
+                  "decode.prefix)."))] = None):
     """Translate text line by line: exactly one output line per input line, in order.
 
     Lines are split on \\n only (a CR, U+2028 or form feed inside a line stays in it); an empty
     or blank line gives an empty line; a line longer than the model's limit is cut at
     punctuation (else at the limit), translated in pieces and joined, with a warning.
+
+    Back-translation by sampling: mtkit translate -m MODEL --sample --seed 1 < mono.txt
     """
     from mtkit.data.corpus import stream_lines
     from mtkit.outputs import Outputs, translate_to
@@ -210,8 +242,24 @@ def translate(model: ModelOpt = None,
         log.info("translating each line as it is entered; Ctrl-D ends")
     lines = stream_lines(input, errors)
     with _load_translator(model, beam, length_penalty, greedy, max_tokens, device, quantize, early_exit,
-                          workers, stopping) as translator:
-        if nbest > translator.decode.beam_size:
+                          workers, stopping, sample=sample, top_k=top_k, top_p=top_p,
+                          temperature=temperature, seed=seed, prefix=prefix) as translator:
+        sampling_options = [name for name, value in (("--top-k", top_k), ("--top-p", top_p),
+                                                     ("--temperature", temperature), ("--seed", seed))
+                            if value is not None]
+        if translator.decode.sample:
+            searching = [name for name, given in (("--beam", beam is not None), ("--greedy", greedy),
+                                                  ("--length-penalty", length_penalty is not None),
+                                                  ("--stopping", stopping is not None),
+                                                  ("--early-exit", early_exit is not None)) if given]
+            if searching:
+                raise UserError(f"{', '.join(searching)}: options of search, and this translation samples "
+                                "(--sample or decode.sample); give --no-sample to search")
+            if nbest != 1:
+                raise UserError(f"--nbest {nbest}: sampling draws one translation per line")
+        elif sampling_options:
+            raise UserError(f"{', '.join(sampling_options)}: options of sampling; add --sample")
+        elif nbest > translator.decode.beam_size:
             raise UserError(f"--nbest {nbest} exceeds the beam size {translator.decode.beam_size}")
         n_layers = len(translator.model.decoder)
         if not -n_layers <= layer < n_layers:
@@ -244,19 +292,33 @@ def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", he
                  "Bootstrap resamples for --baseline / --confidence (sacrebleu's default)."))] = 1000,
              seed: Annotated[int, typer.Option("--seed", min=1, help=(
                  "Seed of the resampling (sacrebleu's default; sacrebleu takes 0 as unseeded)."))] = 12345,
+             language: Annotated[Optional[str], typer.Option("--language", "-l", metavar="LANG", help=(
+                 "Target language (zh, ja, de, or sacrebleu's SRC-TGT pair such as en-zh): BLEU uses its "
+                 "tokenizer as sacrebleu picks it: zh -> zh, ja -> ja-mecab, ko -> ko-mecab, "
+                 "else 13a."))] = None,
+             tokenize: Annotated[Optional[str], typer.Option("--tokenize", metavar="NAME", help=(
+                 "sacreBLEU's BLEU tokenizer, overriding -l: 13a (default), intl, zh, ja-mecab, "
+                 "ko-mecab, char, flores101, flores200, none, ... (an unknown name lists them "
+                 "all)."))] = None,
              beam: BeamOpt = None, length_penalty: AlphaOpt = None, greedy: GreedyOpt = False,
              max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto"):
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print their signatures.
 
-    BLEU-lc beside them is BLEU of the lowercased text, 13a-tokenized (the figure tutorials report):
-    not comparable to sacreBLEU. Paired significance test:
+    BLEU tokenizes with the tokenizer of the target language (-l zh: tok:zh) or --tokenize NAME,
+    everywhere BLEU is computed (bootstrap too). BLEU-lc beside them is BLEU of the lowercased text
+    with the same tokenizer (13a by default: the figure tutorials report): not comparable to
+    sacreBLEU. Paired significance test:
     mtkit evaluate --ref REF --hyp NEW.txt --baseline OLD.txt
     """
     from mtkit.data.corpus import read_lines
-    from mtkit.evaluate import bootstrap, check_counts, format_report, score
+    from mtkit.evaluate import bleu_metric, bleu_tokenizer, bootstrap, check_counts, format_report, score
 
     if not ref:
         raise UserError("--ref is required (one or more reference files)")
+    tok = bleu_tokenizer(language, tokenize)
+    bleu_metric(tok, warn=False)  # a missing tokenizer package fails now, before any translating
+    if language is not None:
+        log.info("target language %s: BLEU tokenizer %s", language, tok)
     refs, ref_names = [read_lines(r) for r in ref], [str(r) for r in ref]
     base = (str(baseline), read_lines(baseline)) if baseline is not None else None
     if base is not None:
@@ -272,9 +334,10 @@ def evaluate(ref: Annotated[Optional[list[Path]], typer.Option("--ref", "-r", he
             hyps, hyp_name = translator.translate(sources), f"translation of {src}"
     else:
         hyps, hyp_name = _read_input(hyp), str(hyp or "<stdin>")
-    result = score(hyps, refs, names=(hyp_name, ref_names))
+    result = score(hyps, refs, names=(hyp_name, ref_names), tokenize=tokenize, lang=language)
     if base is not None or confidence:
-        result["bootstrap"] = bootstrap((hyp_name, hyps), refs, ref_names, base, bootstrap_samples, seed)
+        result["bootstrap"] = bootstrap((hyp_name, hyps), refs, ref_names, base, bootstrap_samples, seed,
+                                        tokenize=tokenize, lang=language)
     if as_json:
         result.pop("bleu_detail", None)
         typer.echo(json.dumps(result))
@@ -327,6 +390,51 @@ def export(out: Annotated[Path, typer.Argument(metavar="OUT", help=(
         raise UserError("--model/-m is required: a checkpoint file or a run directory")
     written = export_ctranslate2(resolve_model(model), out, quantization, force)
     log.info("exported %s -> %s", model, written)
+
+
+@app.command()
+@_errors_to_exit
+def score(model: ModelOpt = None,
+          src: Annotated[Optional[Path], typer.Option("--src", help=(
+              "Source sentences, one per line, plain or .gz."))] = None,
+          ref: Annotated[Optional[Path], typer.Option("--ref", "-r", help=(
+              "Their translations to score, line by line."))] = None,
+          per_token: Annotated[bool, typer.Option("--per-token", help=(
+              "Divide each score by the number of target subwords + 1 (EOS)."))] = False,
+          prefix: Annotated[Optional[str], typer.Option("--prefix", metavar="TAG", help=(
+              "Put this tag in front of every source line (default: decode.prefix)."))] = None,
+          max_tokens: MaxTokOpt = None, device: DeviceOpt = "auto",
+          output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
+              "Where scores go (default: stdout; a file is written whole or not at all)."))] = None):
+    """The model's log-probability of each reference line given its source line: one number per
+    line pair, teacher-forced as in training (fairseq's --score-reference, marian-scorer), for
+    filtering and re-ranking.
+
+    A score is the sum of log p over the reference's subwords and EOS (no label smoothing); with
+    --per-token, divided by their number. Empty lines are scored too.
+    """
+    from mtkit.data.corpus import read_lines
+    from mtkit.device import pick_device
+    from mtkit.io import write_text
+    from mtkit.translate import load_model, score_pairs
+
+    if model is None:
+        raise UserError("--model/-m is required: a checkpoint file or a run directory")
+    if src is None or ref is None:
+        raise UserError("--src and --ref are required: the source file and the translations to score")
+    sources, references = read_lines(src), read_lines(ref)
+    if len(sources) != len(references):
+        raise UserError(f"{src} has {len(sources)} lines but {ref} has {len(references)}: counts must match")
+    net, vocab, cfg, _ = load_model(model)
+    dev = pick_device(device)
+    scores = score_pairs(net.to(dev), vocab, sources, references, dev, max_tokens or cfg.decode.max_tokens,
+                         prefix if prefix is not None else cfg.decode.prefix, per_token, (str(src), str(ref)))
+    text = "".join(f"{s:.6f}\n" for s in scores)
+    if output is None or str(output) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text(output, text)
 
 
 def run() -> None:

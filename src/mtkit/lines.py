@@ -4,6 +4,7 @@ punctuation (else at the limit), its pieces translated apart and joined again.""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mtkit.data.vocab import Vocab
@@ -21,18 +22,22 @@ class Translation:
     tgt_ids: list[int]
 
 
-def pieces(vocab: Vocab, text: str, ids: list[int], limit: int) -> list[list[int]]:
-    """A line (`text`, encoded as `ids`) as the sources the model reads: whole, or cut at
-    punctuation, else at `limit` subwords."""
-    if len(ids) <= limit:
-        return [ids]
+def pieces(vocab: Vocab, text: str, ids: list[int], limit: int,
+           prefix: Sequence[int] = ()) -> list[list[int]]:
+    """A line (`text`, encoded as `ids`) as the sources the model reads, each `prefix` (a tag's
+    id, or nothing) followed by the line whole, or cut at punctuation, else at the limit: no
+    source is longer than `limit` subwords, its prefix included."""
+    prefix = list(prefix)
+    if len(prefix) + len(ids) <= limit:
+        return [prefix + list(ids)]
+    limit = max(limit - len(prefix), 1)
     parts: list[list[int]] = []
     for segment in vocab.encode_src(CUT_POINTS.split(text)):
         if parts and len(parts[-1]) + len(segment) <= limit:
             parts[-1] = parts[-1] + segment  # join short segments back up to the limit
         else:
             parts.extend(segment[i : i + limit] for i in range(0, len(segment), limit))
-    return parts
+    return [prefix + part for part in parts]
 
 
 def join(vocab: Vocab, n_lines: int, sources: list[list[int]], owner: list[int],

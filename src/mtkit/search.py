@@ -1,13 +1,16 @@
-"""Greedy and beam search over the model's incremental decoder (section 6.1 of the paper).
+"""Greedy and beam search over the model's incremental decoder (section 6.1 of the paper), and
+sampling (back-translation).
 
-Both take the decoding backend the model was installed with (mtkit.inference); without one, the
+All take the decoding backend the model was installed with (mtkit.inference); without one, the
 model runs as trained.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mtkit.data.vocab import BOS, EOS, PAD
@@ -19,7 +22,8 @@ DEFAULT = Backend()
 
 @dataclass
 class Hypothesis:
-    """One finished output: token ids without BOS/EOS, and its length-normalised log-probability."""
+    """One finished output: token ids without BOS/EOS, and its score (beam search: the
+    length-normalised log-probability; sampling: the log-probability)."""
 
     tokens: list[int]
     score: float
@@ -66,6 +70,86 @@ def greedy_search(model: Transformer, src: torch.Tensor, max_len_offset: int = 5
     out = []
     for row in tokens[:, 1:].tolist():
         out.append(row[: row.index(EOS)] if EOS in row else row)
+    return out
+
+
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """One token per row of `logits` (n, V), by inverse transform sampling with the uniforms `u`
+    (n,) in [0, 1): temperature, then top-k, then top-p over what top-k kept."""
+    scaled = logits / temperature
+    V = scaled.size(-1)
+    if 0 < top_k < V:
+        scaled, order = scaled.topk(top_k, dim=-1)  # best first
+    elif top_p < 1.0:
+        scaled, order = scaled.sort(dim=-1, descending=True, stable=True)
+    else:
+        order = None  # all tokens, in vocabulary order
+    probs = scaled.softmax(-1)
+    if top_p < 1.0:  # keep the most probable tokens until their mass reaches top_p (at least one)
+        cum = probs.cumsum(-1)
+        drop = (cum - probs) >= top_p
+        drop[:, 0] = False
+        probs = probs.masked_fill(drop, 0.0)
+    cum = probs.cumsum(-1)
+    pick = torch.searchsorted(cum, (u.to(cum.dtype) * cum[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    # A uniform that rounds up to the total would fall past the end: the last token of mass then.
+    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    pick = torch.minimum(pick, last)
+    return pick if order is None else order.gather(1, pick[:, None]).squeeze(1)
+
+
+def uniforms(seeds: Sequence[int | Sequence[int]], steps: int) -> torch.Tensor:
+    """(len(seeds), steps) float64 uniforms in [0, 1); row i is the first `steps` draws of
+    numpy's default generator seeded with seeds[i], so a row's draw at step t depends on its seed
+    alone, not on `steps` or the other rows."""
+    return torch.from_numpy(np.stack([np.random.default_rng(s).random(steps) for s in seeds]))
+
+
+@torch.inference_mode()
+def sample_search(model: Transformer, src: torch.Tensor, seeds: Sequence[int | Sequence[int]],
+                  max_len_offset: int = 50, backend: Backend = DEFAULT, top_k: int = 0, top_p: float = 1.0,
+                  temperature: float = 1.0) -> list[Hypothesis]:
+    """Each next token drawn from the model's distribution; one hypothesis per source row.
+
+    The distribution is softmax(logits / temperature), restricted to the `top_k` most probable
+    tokens (0: all), then to the most probable of those whose probability reaches `top_p`
+    (nucleus; 1: all), renormalised; PAD and BOS are never drawn. Row i draws with its own
+    generator, seeded with `seeds[i]` (numpy's `default_rng`, any int or sequence of ints): its
+    output depends on its source, the model and its seed, not on the other rows of the batch.
+    At the length limit EOS ends the row, as in greedy search.
+
+    A hypothesis's score is the model's log-probability of its tokens and EOS, untempered and
+    unfiltered (what teacher forcing gives for that output, `mtkit score`), not length-normalised.
+    """
+    if top_k < 0 or not 0.0 < top_p <= 1.0 or not temperature > 0.0:
+        raise ValueError(f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1]), temperature={temperature} "
+                         "(> 0): out of range")
+    if len(seeds) != src.size(0):
+        raise ValueError(f"{len(seeds)} seeds for {src.size(0)} sources")
+    max_len = _max_lengths(src, max_len_offset, model.cfg.max_positions)
+    batch, device = src.size(0), src.device
+    steps = int(max_len.max())
+    draws = uniforms(seeds, steps).to(device)
+    cross, mask, cache = _start(model, src, backend)
+    tokens = torch.full((batch, 1), BOS, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    scores = torch.zeros(batch, dtype=torch.float64, device=device)
+    for step in range(steps):
+        logits = model.decode(tokens[:, -1:], cross, mask, cache, start=step)[:, -1].float()
+        logp = logits.log_softmax(-1)  # the model's own distribution, for the score
+        logits[:, [PAD, BOS]] = float("-inf")
+        nxt = sample_tokens(logits, draws[:, step], top_k, top_p, temperature)
+        nxt = torch.where(~done & (step + 1 >= max_len), torch.full_like(nxt, EOS), nxt)
+        scores += logp.gather(1, nxt[:, None]).squeeze(1).double().masked_fill(done, 0.0)
+        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        done |= nxt == EOS
+        if bool(done.all()):
+            break
+    out = []
+    for row, score in zip(tokens[:, 1:].tolist(), scores.tolist()):
+        out.append(Hypothesis(row[: row.index(EOS)] if EOS in row else row, score))
     return out
 
 

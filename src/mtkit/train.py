@@ -211,8 +211,9 @@ def validate(model: Transformer, translator: Translator, data: PreparedData, cfg
         nll_sum, tokens = _valid_loss(model, src, tgt, lo, hi, autocast, max_tokens, translator.device)
         nll_all, tokens_all = nll_all + nll_sum, tokens_all + tokens
         n = min(c["pairs"], cfg.train.valid_bleu_sentences or c["pairs"])
-        search = Translator(decoder, translator.vocab, replace(translator.decode, prefix=c["tag"]),
-                            translator.device, precision=translator.precision, backend=backend)
+        decode = replace(translator.decode, prefix=c["tag"], sample=False)  # beam search always
+        search = Translator(decoder, translator.vocab, decode, translator.device,
+                            precision=translator.precision, backend=backend)
         hyps = search.translate(src_text[lo : lo + n])
         bleu = score(hyps, [refs[lo : lo + n]], metrics=("bleu",), lang=c["tgt_lang"])["bleu"]
         loss = nll_sum / max(tokens, 1)

@@ -1,4 +1,5 @@
-"""Lines in -> subwords -> length-sorted batches -> search -> lines out, in input order.
+"""Lines in -> subwords -> length-sorted batches -> search -> lines out, in input order; and the
+model's log-probability of given translations (`score_pairs`, teacher-forced).
 
 `Translator` is also the Python API: load a model once, translate lists of strings, or stream an
 endless iterable of lines through a bounded window. Use it in a `with` block (or call `close`)
@@ -18,17 +19,17 @@ import torch
 from mtkit import inference
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import DecodeConfig, RunConfig, config_from_dict
-from mtkit.data.batching import pad
+from mtkit.data.batching import collate, pad, token_batches
 from mtkit.data.corpus import normalize
-from mtkit.data.vocab import BOS, EOS, Vocab
+from mtkit.data.vocab import BOS, EOS, PAD, Vocab
 from mtkit.device import Precision, decode_precision, pick_device
 from mtkit.errors import UserError
 from mtkit.inference.workers import WorkerPool, check_workers, rebalance
 from mtkit.lines import Translation, join, pieces
 from mtkit.model import Transformer
-from mtkit.search import Hypothesis, beam_search, greedy_search
+from mtkit.search import Hypothesis, beam_search, greedy_search, sample_search
 
-__all__ = ["Translation", "Translator", "load_model"]
+__all__ = ["Translation", "Translator", "load_model", "score_pairs"]
 
 log = logging.getLogger("mtkit")
 
@@ -53,9 +54,25 @@ def load_model(path: str | Path) -> tuple[Transformer, Vocab, RunConfig, dict]:
     return model, vocab, cfg, state
 
 
+def prefix_ids(vocab: Vocab, prefix: str | None) -> list[int]:
+    """The ids put in front of every source: the tag `prefix`'s id, or none."""
+    if prefix is None:
+        return []
+    try:
+        return [vocab.tag_id(prefix)]
+    except UserError as exc:
+        raise UserError(f"--prefix/decode.prefix: {exc}") from None
+
+
 class Translator:
     """A model with its vocabulary, search settings and decoding backend (mtkit.inference); owns
-    the worker processes it starts (`workers` > 1, CPU) until `close` or the end of a `with`."""
+    the worker processes it starts (`workers` > 1, CPU) until `close` or the end of a `with`.
+
+    With `decode.prefix` every source starts with that tag. With `decode.sample` each line's
+    translation is drawn (`sample_search`) with a generator seeded by (decode.seed, the line's
+    index in the input, the piece of the line): the output of a line depends on the seed, the
+    model, the line and its position, never on the batches, window or workers it is decoded with.
+    """
 
     def __init__(self, model: Transformer, vocab: Vocab, decode: DecodeConfig, device: torch.device,
                  workers: int = 1, precision: Precision | None = None,
@@ -66,6 +83,7 @@ class Translator:
         # CPU decoding is fp32; on CUDA bf16, or fp16 where bf16 is missing
         self.precision = precision or decode_precision(device)
         self.workers = workers
+        self.prefix = prefix_ids(vocab, decode.prefix)
         self._pool = WorkerPool(workers, self._search) if workers > 1 else None
 
     @classmethod
@@ -95,39 +113,51 @@ class Translator:
 
     @property
     def source_limit(self) -> int:
-        """Longest source (subwords, EOS excluded) the model reads with room for its output."""
-        return max(self.model.cfg.max_positions - 1 - self.decode.max_len_offset, 1)
+        """Longest source (subwords, the prefix tag included, EOS excluded) the model reads with
+        room for its output."""
+        return max(self.model.cfg.max_positions - 1 - self.decode.max_len_offset, len(self.prefix) + 1)
 
-    def _search(self, job: tuple[list[list[int]], int]) -> list[list[Hypothesis]]:
-        """One batch of sources: its n-best lists."""
-        sources, nbest = job
+    def _search(self, job: tuple[list[list[int]], int, list | None]) -> list[list[Hypothesis]]:
+        """One batch of sources (with each one's seed when sampling): its n-best lists."""
+        sources, nbest, seeds = job
         src, d = pad(sources, suffix=EOS).to(self.device), self.decode
         dtype = self.precision.dtype if self.device.type == "cuda" else None
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            if d.sample:
+                hyps = sample_search(self.model, src, seeds, d.max_len_offset, self.backend, d.top_k, d.top_p,
+                                     d.temperature)
+                return [[h] for h in hyps]
             if d.beam_size == 1 and nbest == 1:
                 tokens = greedy_search(self.model, src, d.max_len_offset, self.backend)
                 return [[Hypothesis(t, 0.0)] for t in tokens]
             return beam_search(self.model, src, d.beam_size, d.length_penalty, d.max_len_offset, nbest,
                                d.early_exit, d.stopping, self.backend)
 
-    def run(self, lines: list[str], nbest: int = 1) -> list[Translation]:
-        """Translate a list of lines (sorted by length into token-budget batches), in input order."""
-        if nbest > self.decode.beam_size:
-            raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({self.decode.beam_size})")
+    def run(self, lines: list[str], nbest: int = 1, first: int = 0) -> list[Translation]:
+        """Translate a list of lines (sorted by length into token-budget batches), in input order;
+        `first`: the index of lines[0] in the whole input (it seeds the sampling of each line)."""
+        d = self.decode
+        if d.sample and nbest != 1:
+            raise ValueError(f"nbest ({nbest}): sampling draws one translation per line")
+        if not d.sample and nbest > d.beam_size:
+            raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({d.beam_size})")
         texts = [normalize(line) for line in lines]
-        sources, owner = [], []  # every piece of every non-empty line, and its line
+        sources, owner, seeds = [], [], []  # every piece of every non-empty line, its line and seed
         for i, ids in enumerate(self.vocab.encode_src(texts)):
             if not texts[i]:
                 continue  # an empty line translates to an empty line
-            parts = pieces(self.vocab, texts[i], ids, self.source_limit)
+            parts = pieces(self.vocab, texts[i], ids, self.source_limit, self.prefix)
             if len(parts) > 1:
                 log.warning("line %d: %d subwords exceed the model's limit of %d; translating %d pieces",
-                            i + 1, len(ids), self.source_limit, len(parts))
+                            first + i + 1, len(ids) + len(self.prefix), self.source_limit, len(parts))
             sources.extend(parts)
             owner.extend([i] * len(parts))
+            seeds.extend([d.seed, first + i, k] for k in range(len(parts)))
         lengths = [len(s) for s in sources]
-        batches = rebalance(lengths, max(1, self.decode.max_tokens // self.decode.beam_size), self.workers)
-        jobs = [([sources[j] for j in b], nbest) for b in batches]
+        width = 1 if d.sample else d.beam_size
+        batches = rebalance(lengths, max(1, d.max_tokens // width), self.workers)
+        jobs = [([sources[j] for j in b], nbest, [seeds[j] for j in b] if d.sample else None)
+                for b in batches]
         results = map(self._search, jobs) if self._pool is None or len(jobs) <= 1 else self._pool.map(jobs)
         found: list[list[Hypothesis]] = [[] for _ in sources]
         for batch, hyps_of in zip(batches, results):
@@ -146,9 +176,10 @@ class Translator:
     def stream(self, lines: Iterable[str], window: int = 1000, nbest: int = 1) -> Iterator[Translation]:
         """Translate an iterable of any length `window` lines at a time: output starts after the
         first window, memory stays bounded, and order is kept."""
-        it = iter(lines)
+        it, first = iter(lines), 0
         while chunk := list(islice(it, window)):
-            yield from self.run(chunk, nbest)
+            yield from self.run(chunk, nbest, first)
+            first += len(chunk)
 
     @torch.no_grad()
     def cross_attention(self, src_ids: list[int], tgt_ids: list[int], layer: int = -1,
@@ -166,3 +197,42 @@ class Translator:
             hook.remove()
         weights = seen["w"][0]  # (H, T + 1, S + 1)
         return (weights.mean(0) if head is None else weights[head]).float().cpu()
+
+
+@torch.no_grad()
+def score_pairs(model: Transformer, vocab: Vocab, sources: list[str], references: list[str],
+                device: torch.device, max_tokens: int = 8000, prefix: str | None = None,
+                per_token: bool = False, names: tuple[str, str] = ("source", "reference")) -> list[float]:
+    """The model's log-probability of each reference given its source, teacher-forced as in
+    training (`collate`, the model's forward, no label smoothing), in fp32 and eval mode: the sum
+    of log p over the reference's subwords and EOS, divided by their number with `per_token`.
+    Pairs go in token-budget batches (`token_batches`); the result is in input order. Lines are
+    whitespace-normalised as for translation; an empty line is scored too (an empty reference is
+    EOS alone). A pair longer than the model's positions is a UserError naming its line (`names`:
+    the two inputs)."""
+    if len(sources) != len(references):
+        raise ValueError(f"{len(sources)} sources for {len(references)} references")
+    model.eval()
+    tag = prefix_ids(vocab, prefix)
+    src_ids = [tag + ids for ids in vocab.encode_src([normalize(line) for line in sources])]
+    tgt_ids = vocab.encode_tgt([normalize(line) for line in references])
+    limit = model.cfg.max_positions
+    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+        for name, ids in zip(names, (s, t)):
+            if len(ids) + 1 > limit:
+                raise UserError(f"{name}:{i + 1}: {len(ids) + 1} subwords with EOS exceed the model's "
+                                f"{limit} positions (model.max_positions)")
+    out = [0.0] * len(sources)
+    for idx in token_batches([len(s) for s in src_ids], [len(t) for t in tgt_ids], max_tokens):
+        idx = idx.tolist()
+        batch = collate([src_ids[i] for i in idx], [tgt_ids[i] for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch["src"], batch["tgt_in"]).float()
+        target = batch["tgt_out"]
+        logp = logits.log_softmax(-1).gather(2, target[..., None]).squeeze(2).masked_fill(target == PAD, 0.0)
+        sums = logp.double().sum(1)
+        if per_token:
+            sums = sums / (target != PAD).sum(1)
+        for i, value in zip(idx, sums.tolist()):
+            out[i] = value
+    return out
