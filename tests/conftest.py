@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,21 @@ def write_text_pair(tmp_path: Path, name: str, pairs: list[tuple[str, str]], gz:
         path.write_bytes(gzip.compress(data) if gz else data)
 
 
+def random_lines(n: int, seed: int = 0, longest: int = 9) -> list[str]:
+    """n lines of 0 to `longest` random words (empty lines among them)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(0, longest))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not slow down on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -88,3 +104,18 @@ def untrained_checkpoint(work: Path, **model) -> Path:
     save_checkpoint({"model": weights, "config": config_to_dict(cfg), "vocab": vocab.to_state(),
                      "step": 0}, path)
     return path
+
+
+def tagged_vocab():
+    """A small joint SentencePiece model (mtkit's special ids) with the tag <BT> as a piece of its own."""
+    import io
+
+    import sentencepiece as spm
+
+    from mtkit.data.vocab import SPECIAL_IDS, Vocab
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(random_lines(300, seed=4)), model_writer=buffer,
+                                   vocab_size=60, hard_vocab_limit=False, user_defined_symbols=["<BT>"],
+                                   minloglevel=2, **SPECIAL_IDS)
+    return Vocab(buffer.getvalue())

@@ -3,45 +3,30 @@ score of a sample, reproducibility under a seed whatever the batching, and the s
 
 from __future__ import annotations
 
-import io
 import math
-import random
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 from typer.testing import CliRunner
 
-from conftest import WORDS, tiny_model_config, untrained_checkpoint
+from conftest import random_lines, tagged_vocab, tiny_model_config, untrained_checkpoint
 from mtkit.cli import app
 from mtkit.config import DecodeConfig
 from mtkit.data.batching import collate
-from mtkit.data.vocab import BOS, EOS, PAD, SPECIAL_IDS, UNK, Vocab
+from mtkit.data.vocab import BOS, EOS, PAD, UNK
 from mtkit.engine import label_smoothed_loss
 from mtkit.lines import pieces
 from mtkit.model import Transformer
 from mtkit.search import sample_search, sample_tokens
 from mtkit.translate import Translator, load_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models decode fastest on one thread (and do not slow down on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return untrained_checkpoint(tmp_path_factory.mktemp("sampling"))
-
-
-def random_lines(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(0, 9))) for _ in range(n)]
 
 
 def frequencies(logits: list[float], **options) -> list[float]:
@@ -147,15 +132,6 @@ def test_cli_sampling_options_reach_the_translator_and_misuse_is_one_line(checkp
         errors = proc.stderr.strip().splitlines()
         assert proc.exit_code == 2 and len(errors) == 1 and words in errors[0], (args, proc.stderr)
         assert proc.stdout == ""
-
-
-def tagged_vocab() -> Vocab:
-    """A small SentencePiece model with the tag <BT> as a piece of its own."""
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(random_lines(300, seed=4)), model_writer=buffer,
-                                   vocab_size=60, hard_vocab_limit=False, user_defined_symbols=["<BT>"],
-                                   minloglevel=2, **SPECIAL_IDS)
-    return Vocab(buffer.getvalue())
 
 
 def test_prefix_puts_the_tag_first_and_leaves_room_for_it():

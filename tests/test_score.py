@@ -3,42 +3,26 @@ loss computes it, per line in input order, and its one-line errors."""
 
 from __future__ import annotations
 
-import io
-import random
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 from typer.testing import CliRunner
 
-from conftest import WORDS, tiny_model_config, untrained_checkpoint
+from conftest import WORDS, random_lines, tagged_vocab, tiny_model_config, untrained_checkpoint
 from mtkit.cli import app
 from mtkit.data.batching import collate
-from mtkit.data.vocab import SPECIAL_IDS, Vocab
 from mtkit.engine import label_smoothed_loss
 from mtkit.errors import UserError
 from mtkit.model import Transformer
 from mtkit.translate import load_model, score_pairs
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not slow down on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return untrained_checkpoint(tmp_path_factory.mktemp("score"))
-
-
-def random_lines(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(0, 12))) for _ in range(n)]
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -59,7 +43,7 @@ def score_cli(*args: str):
 
 
 def test_scores_are_minus_the_training_nll_per_line_in_input_order(checkpoint, tmp_path):
-    sources, references = random_lines(40, seed=1), random_lines(40, seed=2)
+    sources, references = random_lines(40, seed=1, longest=12), random_lines(40, seed=2, longest=12)
     sources[3], references[5], sources[7], references[7] = "", "", "", ""  # empty lines are scored too
     src, ref = write_lines(tmp_path / "src.txt", sources), write_lines(tmp_path / "ref.txt", references)
     model, vocab, _, _ = load_model(checkpoint)
@@ -97,11 +81,7 @@ def test_line_counts_must_match_and_a_pair_too_long_is_named(checkpoint, tmp_pat
 
 
 def test_the_prefix_tag_goes_in_front_of_every_scored_source():
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(random_lines(300, seed=4)), model_writer=buffer,
-                                   vocab_size=60, hard_vocab_limit=False, user_defined_symbols=["<BT>"],
-                                   minloglevel=2, **SPECIAL_IDS)
-    vocab = Vocab(buffer.getvalue())
+    vocab = tagged_vocab()
     model = Transformer(tiny_model_config(), vocab.src_size, vocab.tgt_size).eval()
     sources, references = ["the dog runs", ""], ["a red house", "the cat"]
     tag = vocab.tag_id("<BT>")
