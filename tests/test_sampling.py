@@ -165,3 +165,15 @@ def test_an_unknown_prefix_tag_is_one_line_naming_it(checkpoint):
     errors = proc.stderr.strip().splitlines()
     assert proc.exit_code == 2 and len(errors) == 1 and proc.stdout == ""
     assert "--prefix" in errors[0] and "'<XX>'" in errors[0]
+
+
+def test_a_drawn_byte_piece_that_spells_a_line_break_stays_inside_its_line():
+    from mtkit.lines import join
+    from mtkit.search import Hypothesis
+
+    class Bytes:  # decodes to text with the line breaks byte pieces can spell
+        def decode_tgt(self, ids):
+            return ["one\ntwo\r\nthree" for _ in ids]
+
+    out = join(Bytes(), 1, [[5]], [0], [[Hypothesis([7], 0.0)]])
+    assert out[0].nbest[0][0] == "one two three"

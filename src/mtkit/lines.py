@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mtkit.data.corpus import normalize
 from mtkit.data.vocab import Vocab
 
 CUT_POINTS = re.compile(r"(?<=[.!?;:,。！？；])\s+")
@@ -50,7 +51,8 @@ def join(vocab: Vocab, n_lines: int, sources: list[list[int]], owner: list[int],
         parts.setdefault(i, []).append(j)
     # What each line shows, decoded in one batch call (SentencePiece starts a thread pool per call)
     shown = {i: found[js[0]] if len(js) == 1 else [found[j][0] for j in js] for i, js in parts.items()}
-    texts = iter(vocab.decode_tgt([h.tokens for hyps in shown.values() for h in hyps]))
+    # byte pieces can spell a line break: whitespace runs become one space, so one line stays one line
+    texts = iter(normalize(t) for t in vocab.decode_tgt([h.tokens for hyps in shown.values() for h in hyps]))
     for i, js in parts.items():
         hyps, src_ids = shown[i], [t for j in js for t in sources[j]]
         decoded = [next(texts) for _ in hyps]
