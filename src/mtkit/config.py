@@ -58,6 +58,11 @@ class CorpusConfig:
     time `decode.prefix` / `translate --prefix` puts it in front of the input."""
 
 
+def corpus_name(corpus: CorpusConfig, data: DataConfig) -> str:
+    """A corpus' name: its own, else SRC-TGT of its languages (those of the `data:` block by default)."""
+    return corpus.name or f"{corpus.src_lang or data.src_lang}-{corpus.tgt_lang or data.tgt_lang}"
+
+
 @dataclass
 class DataConfig:
     """Where the parallel corpus comes from, how it is cleaned, and where `prepare` writes it."""
@@ -488,7 +493,7 @@ def _check_corpora(cfg: RunConfig) -> list[str]:
         fmt = c.format or cfg.data.format
         if fmt == "hub" and not (c.hub_name or cfg.data.hub_name):
             problems.append(f"{key}.hub_name is required when its format is hub")
-        name = c.name or f"{c.src_lang or cfg.data.src_lang}-{c.tgt_lang or cfg.data.tgt_lang}"
+        name = corpus_name(c, cfg.data)
         if name in names:
             problems.append(f"{key}: another corpus is named {name!r}; give each a distinct name")
         names.add(name)

@@ -87,20 +87,11 @@ def bleu_metric(tokenize: str | None = None, lang: str | None = None, lowercase:
                         f"{getattr(exc, 'reason', exc)}") from exc
 
 
-def lowercased_bleu(references: list[list[str]] | None = None, tokenize: str | None = None,
-                    lang: str | None = None, warn: bool = True) -> BLEU:
-    """sacreBLEU lowercased (signature case:lc) with BLEU's tokenizer (13a unless the target language or
-    `tokenize` picks another): the tutorials' lowercased tokenized BLEU."""
-    return bleu_metric(tokenize, lang, lowercase=True, references=references, warn=warn)
-
-
 def _metric(name: str, tokenize: str | None, lang: str | None, warn: bool,
             references: list[list[str]] | None = None):
     """One of our metric names ("bleu", "chrf", "ter", "bleu_lc") as a sacreBLEU metric."""
-    if name == "bleu":
-        return bleu_metric(tokenize, lang, references=references, warn=warn)
-    if name == "bleu_lc":
-        return lowercased_bleu(references, tokenize, lang, warn=warn)
+    if name in ("bleu", "bleu_lc"):  # bleu_lc: the tutorials' lowercased tokenized BLEU (case:lc)
+        return bleu_metric(tokenize, lang, lowercase=name == "bleu_lc", references=references, warn=warn)
     return {"chrf": CHRF, "ter": TER}[name](references=references)
 
 
@@ -121,7 +112,7 @@ def score(hyps: list[str], refs: list[list[str]], names: Names | None = None,
     """Corpus scores of `hyps` against one or more reference streams.
 
     "bleu", "chrf", "ter": cased, detokenized, sacreBLEU's defaults, the comparable setting. "bleu_lc":
-    the same BLEU on lowercased text (see `lowercased_bleu`), for tutorial figures.
+    the same BLEU on lowercased text, for tutorial figures.
     `lang`: the target language; BLEU and BLEU-lc use its tokenizer as sacreBLEU picks it (zh, ja-mecab,
     ko-mecab; 13a for other languages and by default), e.g. validation BLEU of a Chinese model:
     `score(hyps, [refs], metrics=("bleu",), lang="zh")`. `tokenize`: a sacreBLEU BLEU tokenizer name

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mtkit import __version__
-from mtkit.config import DataConfig, RunConfig, TokenizerConfig, config_to_dict
+from mtkit.config import DataConfig, RunConfig, TokenizerConfig, config_to_dict, corpus_name
 from mtkit.data.corpus import (
     Chunk,
     SeenPairs,
@@ -201,8 +201,7 @@ def corpora(cfg: RunConfig) -> list[Corpus]:
     found = []
     for i, c in enumerate(d.corpora):
         data = replace(d, corpora=[], **{k: getattr(c, k) for k in _CORPUS_KEYS if getattr(c, k) is not None})
-        found.append(Corpus(c.name or f"{data.src_lang}-{data.tgt_lang}", data, c.weight, c.tag,
-                            f"data.corpora[{i}]"))
+        found.append(Corpus(corpus_name(c, d), data, c.weight, c.tag, f"data.corpora[{i}]"))
     return found
 
 
