@@ -18,6 +18,7 @@ from mtkit.io import TMP_SUFFIX, atomic_file
 
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 BEST, AVERAGED = "best.pt", "averaged.pt"
+MODEL_FILE = "model.pt"  # the one checkpoint of a directory made by `mtkit import`
 SAVE_FAILED = "cannot write checkpoint ({cause}); the checkpoints already on disk are untouched"
 
 
@@ -125,19 +126,21 @@ def prune(directory: str | Path, keep_last: int) -> None:
 
 
 def resolve_model(path: str | Path) -> Path:
-    """A checkpoint file as given; for a run directory its averaged, else best, else newest step."""
+    """A checkpoint file as given; for a run directory its averaged, else best, else newest step;
+    for an imported model's directory its model.pt."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise UserError(f"{path}: no such checkpoint file or run directory")
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    for name in (AVERAGED, BEST):
+    for name in (AVERAGED, BEST, MODEL_FILE):
         if (ckpt_dir / name).is_file():
             return ckpt_dir / name
     steps = step_checkpoints(ckpt_dir)
     if not steps:
-        raise UserError(f"{path}: run directory holds no checkpoint ({AVERAGED}, {BEST} or step_*.pt)")
+        raise UserError(f"{path}: run directory holds no checkpoint ({AVERAGED}, {BEST}, {MODEL_FILE} or "
+                        "step_*.pt)")
     return steps[-1]
 
 

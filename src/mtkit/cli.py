@@ -373,23 +373,65 @@ def average(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help=(
 def export(out: Annotated[Path, typer.Argument(metavar="OUT", help=(
                "Directory to write the converted model to."))],
            model: ModelOpt = None,
-           format: Annotated[str, typer.Option("--format", "-f", metavar="ctranslate2",
-                                               help="Target engine.")] = "ctranslate2",
+           format: Annotated[str, typer.Option("--format", "-f", metavar="ctranslate2|hf",
+                                               help="Target: CTranslate2, or Hugging Face transformers.")
+                             ] = "ctranslate2",
            quantization: Annotated[Optional[str], typer.Option(
                "--quantization", metavar="int8|int8_float32|float16|...",
                help="CTranslate2 weight type (default: as trained, fp32).")] = None,
+           evaluation: Annotated[Optional[list[str]], typer.Option(
+               "--eval", metavar="NAME=FILE", help=(
+                   "A test set's scores for the model card: FILE is what `mtkit evaluate --json` printed "
+                   "(repeat for several test sets)."))] = None,
+           license: Annotated[Optional[str], typer.Option(
+               "--license", help="License of the model for the card (a Hub license id, e.g. cc-by-4.0).")
+                              ] = None,
            force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False):
-    """Convert a checkpoint for CTranslate2 (pip install "mtkit[ct2]"): weights, vocabulary and
-    SentencePiece models in OUT, ready for ctranslate2.Translator."""
-    from mtkit.checkpoint import resolve_model
-    from mtkit.export import export_ctranslate2
+    """Convert a checkpoint for CTranslate2 (pip install "mtkit[ct2]") or Hugging Face transformers
+    (pip install "mtkit[hf]"), with a model card (README.md) for the Hub."""
+    from mtkit.card import card_text, read_evaluation
+    from mtkit.checkpoint import load_checkpoint, resolve_model
 
-    if format != "ctranslate2":
-        raise UserError(f"--format {format!r}: only ctranslate2 is supported")
+    if format not in ("ctranslate2", "hf"):
+        raise UserError(f"--format {format!r}: ctranslate2 or hf")
+    if format != "ctranslate2" and quantization:
+        raise UserError("--quantization is for --format ctranslate2")
     if model is None:
         raise UserError("--model/-m is required: a checkpoint file or a run directory")
-    written = export_ctranslate2(resolve_model(model), out, quantization, force)
-    log.info("exported %s -> %s", model, written)
+    evaluations = [read_evaluation(spec) for spec in evaluation or []]
+    path = resolve_model(model)
+    engine = "ctranslate2" if format == "ctranslate2" else "transformers"
+    card = card_text(load_checkpoint(path), path, engine, evaluations, license)
+    if format == "hf":
+        from mtkit.hf import export_hf
+
+        written = export_hf(path, out, force, card)
+    else:
+        from mtkit.export import export_ctranslate2
+
+        written = export_ctranslate2(path, out, quantization, force, card)
+    log.info("exported %s -> %s (%s)", model, written, engine)
+
+
+@app.command("import")
+@_errors_to_exit
+def import_(source: Annotated[Path, typer.Argument(metavar="DIR", help=(
+                "A transformers MarianMTModel directory (source.spm, target.spm, vocab.json, config.json, "
+                "weights), e.g. an OPUS-MT model saved locally."))],
+            out: Annotated[Path, typer.Argument(metavar="OUT", help=(
+                "Directory to write the mtkit model to (model.pt, config.yaml)."))],
+            format: Annotated[str, typer.Option("--format", "-f", metavar="hf",
+                                                help="What DIR is: hf (Hugging Face transformers).")] = "hf",
+            force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False):
+    """Make an mtkit model of a transformers MarianMTModel (pip install "mtkit[hf]"): translate with
+    `mtkit translate -m OUT`, fine-tune with `mtkit train CONFIG --init-from OUT`."""
+    from mtkit.hf import import_hf
+
+    if format != "hf":
+        raise UserError(f"--format {format!r}: only hf is supported")
+    written = import_hf(source, out, force)
+    log.info("imported %s -> %s; to fine-tune it: the model section of %s, tokenizer.from_model: %s, "
+             "and train --init-from %s", source, written, out / "config.yaml", out, out)
 
 
 @app.command()

@@ -133,6 +133,10 @@ class TokenizerConfig:
     from_model: str | None = None
     """The vocabulary of an mtkit checkpoint or run directory (what `train --init-from` on new data
     needs)."""
+    vocab: str | None = None
+    """With model or src_model + tgt_model: a JSON file {piece: id} (Marian's vocab.json) whose ids
+    both sides share, so that embeddings may be shared with two SentencePiece models; its <pad>,
+    <unk>, </s> (and <s>) become mtkit's special ids, the other pieces follow in its id order."""
 
 
 @dataclass
@@ -157,6 +161,11 @@ class ModelConfig:
     """Tie source, target and output embeddings (section 3.4); needs a joint vocabulary."""
     max_positions: int = 1024
     """Longest sequence the sinusoidal table covers."""
+    activation: Literal["relu", "swish", "gelu"] = "relu"
+    """The feed-forward network's nonlinearity: relu as the paper (section 3.3); swish (SiLU) and
+    gelu for models made elsewhere (many OPUS-MT MarianMT models use swish)."""
+    output_bias: bool = False
+    """A bias on the output projection (the paper has none, section 3.4; Marian models have one)."""
 
 
 @dataclass
@@ -394,8 +403,9 @@ def _check(cfg: RunConfig) -> list[str]:
     m, t, d = cfg.model, cfg.train, cfg.data
     if m.d_model % m.n_heads:
         problems.append(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-    if m.share_embeddings and not cfg.tokenizer.joint:
-        problems.append("model.share_embeddings needs tokenizer.joint: true")
+    tok = cfg.tokenizer
+    if m.share_embeddings and not (tok.joint or tok.vocab or tok.from_model):
+        problems.append("model.share_embeddings needs tokenizer.joint: true (or one id map: tokenizer.vocab)")
     for key, value in [("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
                        ("model.d_ff", m.d_ff), ("model.n_layers", m.n_layers),
                        ("train.max_tokens", t.max_tokens), ("train.accum_steps", t.accum_steps),
@@ -470,6 +480,9 @@ def _check_tokenizer(cfg: RunConfig) -> list[str]:
     elif tok.src_model and tok.joint:
         problems.append("tokenizer.src_model/tgt_model are one model per side: set tokenizer.joint: false "
                         "(or give one joint tokenizer.model)")
+    elif tok.vocab and not (tok.model or tok.src_model):
+        problems.append("tokenizer.vocab gives the ids of tokenizer.model or tokenizer.src_model + "
+                        "tgt_model: give those too")
     elif tok.model and not tok.joint:
         problems.append("tokenizer.model is one joint model: set tokenizer.joint: true "
                         "(or give tokenizer.src_model and tokenizer.tgt_model)")

@@ -5,13 +5,13 @@
 Decoding differences from mtkit's own search (search.py), by design of CTranslate2:
 - length penalty: CTranslate2 divides a beam score by length ** alpha; mtkit by Wu et al.'s
   ((5 + length) / 6) ** alpha (search.length_penalty). Greedy search (beam 1) is unaffected.
-- length limit: CTranslate2's max_decoding_length is one number per call; mtkit's is per
-  sentence, source length + decode.max_len_offset. `ct2_translate` passes the largest limit of
-  the call and cuts each output to its sentence's limit: exact for greedy search, close for beam.
+- length limit: CTranslate2's max_decoding_length is one number per batch; mtkit's is per
+  sentence, source length + decode.max_len_offset. `ct2_translate` passes the batch's largest
+  limit and cuts each output to its sentence's limit: exact for greedy search, close for beam.
 - beam search: both end a sentence once beam_size hypotheses have finished, but the candidates
   kept per step differ in detail, so beam outputs may differ where scores nearly tie.
-- long lines: mtkit translates a source longer than the model's positions in chunks;
-  CTranslate2 truncates it (max_input_length).
+Lines go through mtkit's own line pipeline (mtkit.lines): the same order, empty lines, long lines
+in pieces and token-budget batches as `mtkit translate`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import torch
 
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import DecodeConfig, config_from_dict
-from mtkit.data.corpus import normalize
-from mtkit.data.vocab import BOS, EOS, PAD, UNK, Subwords, Vocab, load_processor
+from mtkit.data.vocab import BOS, EOS, PAD, UNK, Subwords, Vocab
 from mtkit.errors import UserError
 from mtkit.io import atomic_dir
+from mtkit.lines import Job, Translation, output_steps, source_limit, translate_lines
 from mtkit.model import sinusoids
+from mtkit.search import Hypothesis
 
 INSTALL = 'pip install "mtkit[ct2]"'
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
@@ -39,7 +40,7 @@ SPECIALS = {PAD: "<pad>", UNK: "<unk>", BOS: "<s>", EOS: "</s>"}
 SOURCE_SPM, TARGET_SPM, INFO = "source.spm", "target.spm", "mtkit_export.json"
 # Everything an export writes; only these are replaced when `force` overwrites a directory.
 EXPORT_FILES = ("model.bin", "config.json", "shared_vocabulary.json", "source_vocabulary.json",
-                "target_vocabulary.json", SOURCE_SPM, TARGET_SPM, INFO)
+                "target_vocabulary.json", SOURCE_SPM, TARGET_SPM, INFO, "README.md")
 
 
 def _ctranslate2() -> Any:
@@ -130,8 +131,13 @@ def _build_spec(state: dict, source: str) -> Any:
     ct2 = _ctranslate2()
     cfg = config_from_dict(state["config"], source).model
     vocab = Vocab.from_state(state["vocab"])
+    if cfg.output_bias:
+        raise UserError(f"{source}: model.output_bias: CTranslate2's Transformer has no output bias "
+                        "(export to transformers instead: --format hf)")
+    activation = {"relu": ct2.specs.Activation.RELU, "swish": ct2.specs.Activation.SWISH,
+                  "gelu": ct2.specs.Activation.GELU}[cfg.activation]
     spec = ct2.specs.TransformerSpec.from_config(
-        cfg.n_layers, cfg.n_heads, pre_norm=cfg.norm == "pre", activation=ct2.specs.Activation.RELU)
+        cfg.n_layers, cfg.n_heads, pre_norm=cfg.norm == "pre", activation=activation)
     # Section 3.5's table with sin/cos interleaved (model.sinusoids): CTranslate2's built-in table
     # puts all sines before all cosines, so it gets the explicit table.
     positions = sinusoids(cfg.max_positions, cfg.d_model).numpy()
@@ -145,7 +151,8 @@ def _build_spec(state: dict, source: str) -> Any:
     return spec
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool) -> None:
+    """An export's directory may be new or empty; a non-empty one only with `force`."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -158,15 +165,16 @@ def _previous_export(entry: Path) -> bool:
 
 
 def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization: str | None = None,
-                       force: bool = False) -> Path:
-    """Convert a checkpoint (or a run directory's model) into a CTranslate2 model directory.
+                       force: bool = False, card: str | None = None) -> Path:
+    """Convert a checkpoint (or a run directory's model) into a CTranslate2 model directory, with
+    `card` (a model card, mtkit.card) as README.md.
 
     `quantization` is CTranslate2's weight type (None keeps float32; int8, int8_float32, float16,
     ...). An existing non-empty `out_dir` is refused unless `force`, which replaces the files an
     export writes and leaves any others. Returns `out_dir`.
     """
     out = Path(out_dir)
-    _check_out_dir(out, force)
+    check_out_dir(out, force)
     path = resolve_model(checkpoint)
     state = load_checkpoint(path)
     spec = _build_spec(state, str(path))
@@ -180,18 +188,19 @@ def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization
         (tmp / SOURCE_SPM).write_bytes(vocab["src"])
         (tmp / TARGET_SPM).write_bytes(vocab.get("tgt") or vocab["src"])
         info = {"checkpoint": str(path.resolve()), "step": state.get("step"), "quantization": quantization,
-                "config": state["config"]}
+                "config": state["config"], "pieces": vocab.get("pieces")}
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
 
 
 @dataclass
 class CT2Model:
-    """A loaded export: the CTranslate2 translator, the SentencePiece models, the run's settings."""
+    """A loaded export: the CTranslate2 translator, the run's vocabulary and settings."""
 
     translator: Any  # ctranslate2.Translator
-    src_spm: Any  # sentencepiece.SentencePieceProcessor
-    tgt_spm: Any
+    vocab: Vocab
     max_positions: int
     decode: DecodeConfig  # the checkpoint's decoding defaults
 
@@ -207,9 +216,43 @@ def load_ct2(model_dir: str | Path, device: str = "cpu", compute_type: str = "de
     cfg = config_from_dict(info["config"], str(model_dir / INFO))
     translator = ct2.Translator(str(model_dir), device=device, compute_type=compute_type,
                                 intra_threads=threads, inter_threads=inter_threads)
-    src = load_processor((model_dir / SOURCE_SPM).read_bytes())
-    tgt = load_processor((model_dir / TARGET_SPM).read_bytes())
-    return CT2Model(translator, src, tgt, cfg.model.max_positions, cfg.decode)
+    src, tgt = (model_dir / SOURCE_SPM).read_bytes(), (model_dir / TARGET_SPM).read_bytes()
+    vocab = Vocab(src, None if tgt == src else tgt, info.get("pieces"))
+    return CT2Model(translator, vocab, cfg.model.max_positions, cfg.decode)
+
+
+def ct2_translate_nbest(model: CT2Model | str | Path, lines: list[str], nbest: int = 1, **overrides
+                        ) -> list[Translation]:
+    """Translations of `lines` by CTranslate2 through mtkit's line pipeline (mtkit.lines);
+    `overrides` replace DecodeConfig fields (beam_size, length_penalty, max_tokens, max_len_offset).
+    Batches are submitted together, so `inter_threads` of them run at once."""
+    model = model if isinstance(model, CT2Model) else load_ct2(model)
+    d = replace(model.decode, **{k: v for k, v in overrides.items() if v is not None})
+    vocab, limit = model.vocab, source_limit(model.max_positions, d.max_len_offset)
+
+    def submit(job: Job) -> tuple[list, list[int]]:
+        sources = [[vocab.src.id_to_piece(i) for i in ids] for ids in job[0]]
+        steps = [output_steps(len(s), d.max_len_offset, model.max_positions) for s in sources]
+        pending = model.translator.translate_batch(
+            sources, beam_size=d.beam_size, length_penalty=d.length_penalty, patience=1.0,
+            num_hypotheses=job[1], return_scores=True, max_input_length=0, max_decoding_length=max(steps),
+            min_decoding_length=0, asynchronous=True,
+            suppress_sequences=[[SPECIALS[PAD]], [SPECIALS[BOS]]])  # neither is ever an output in mtkit
+        return pending, steps
+
+    def collect(pending: list, steps: list[int]) -> list[list[Hypothesis]]:
+        out = []
+        for result, n in zip(pending, steps):
+            hyps = result.result()
+            out.append([Hypothesis([vocab.tgt.piece_to_id(p) or UNK for p in tokens[: n - 1]], score)
+                        for tokens, score in zip(hyps.hypotheses, hyps.scores)])
+        return out
+
+    def mapper(_search, jobs: list[Job]):
+        submitted = [submit(job) for job in jobs]  # all at once: inter_threads batches run in parallel
+        return (collect(*s) for s in submitted)
+
+    return translate_lines(vocab, lines, None, limit, d.max_tokens // d.beam_size, nbest=nbest, mapper=mapper)
 
 
 def ct2_translate(model: CT2Model | str | Path, lines: list[str], beam_size: int | None = None,
@@ -221,24 +264,6 @@ def ct2_translate(model: CT2Model | str | Path, lines: list[str], beam_size: int
     `max_tokens` is mtkit's decode.max_tokens (source tokens x beam per batch).
     `length_penalty` is CTranslate2's alpha: score / length ** alpha (see the module docstring).
     """
-    model = model if isinstance(model, CT2Model) else load_ct2(model)
-    given = {"beam_size": beam_size, "length_penalty": length_penalty, "max_tokens": max_tokens,
-             "max_len_offset": max_len_offset}
-    d = replace(model.decode, **{k: v for k, v in given.items() if v is not None})
-    texts = [normalize(line) for line in lines]
-    todo = [i for i, text in enumerate(texts) if text]  # an empty line translates to an empty line
-    pieces = [model.src_spm.encode(texts[i], out_type=str) for i in todo]
-    out = [""] * len(lines)
-    if not todo:
-        return out
-    limit = model.max_positions - 1  # the position table's last index
-    # search.py: at most min(source + EOS + offset, limit) steps, the last one EOS
-    steps = [min(len(p) + 1 + d.max_len_offset, limit) for p in pieces]
-    results = model.translator.translate_batch(
-        pieces, beam_size=d.beam_size, length_penalty=d.length_penalty, patience=1.0,
-        max_batch_size=max(1, d.max_tokens // d.beam_size), batch_type="tokens",
-        max_input_length=limit, max_decoding_length=max(steps), min_decoding_length=0,
-        suppress_sequences=[[SPECIALS[PAD]]])  # mtkit never emits PAD either
-    for i, n, result in zip(todo, steps, results):
-        out[i] = model.tgt_spm.decode_pieces(result.hypotheses[0][: n - 1])
-    return out
+    found = ct2_translate_nbest(model, lines, 1, beam_size=beam_size, length_penalty=length_penalty,
+                                max_tokens=max_tokens, max_len_offset=max_len_offset)
+    return [t.nbest[0][0] for t in found]

@@ -1,14 +1,21 @@
-"""Lines of text as the model's sources and back: a line longer than the model reads is cut at
-punctuation (else at the limit), its pieces translated apart and joined again."""
+"""Lines of text as the model's sources and back, the one pipeline of every translator (mtkit's
+own search, CTranslate2, transformers): lines are whitespace-normalised, an empty line translates to
+an empty line, a line longer than the model reads is cut at punctuation (else at the limit) and its
+pieces translated apart and joined again, sources go to the search in length-sorted token-budget
+batches, and translations come back in input order."""
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from mtkit.data.corpus import normalize
 from mtkit.data.vocab import Vocab
+from mtkit.inference.workers import rebalance
+
+log = logging.getLogger("mtkit")
 
 CUT_POINTS = re.compile(r"(?<=[.!?;:,。！？；])\s+")
 """Where an overlong line may be cut: after sentence-internal punctuation followed by a space."""
@@ -62,3 +69,52 @@ def join(vocab: Vocab, n_lines: int, sources: list[list[int]], owner: list[int],
             out[i] = Translation([(" ".join(decoded), sum(h.score for h in hyps))], src_ids,
                                  [t for h in hyps for t in h.tokens])
     return out
+
+
+Job = tuple[list[list[int]], int, list | None]
+"""One batch for a search: its sources (ids, no EOS), the n-best size, each source's sampling
+seed (decode.seed, line index, piece) or None."""
+
+
+def source_limit(max_positions: int, max_len_offset: int, prefix: int = 0) -> int:
+    """Longest source (subwords, a prefix tag included, EOS excluded) a model of `max_positions`
+    reads with room for an output of source + `max_len_offset` subwords."""
+    return max(max_positions - 1 - max_len_offset, prefix + 1)
+
+
+def output_steps(source: int, max_len_offset: int, max_positions: int) -> int:
+    """Decoding steps for a source of `source` subwords (EOS excluded), the last one EOS:
+    source + EOS + offset, within the position table (search.py's per-sentence limit)."""
+    return min(source + 1 + max_len_offset, max_positions - 1)
+
+
+def translate_lines(vocab: Vocab, lines: list[str], search: Callable[[Job], list], limit: int, budget: int,
+                    prefix: Sequence[int] = (), nbest: int = 1, first: int = 0, seed: int | None = None,
+                    workers: int = 1, mapper: Callable[[Callable, list[Job]], Iterable] = map
+                    ) -> list[Translation]:
+    """Translate `lines` in input order: each non-empty line's sources (`pieces`: no longer than
+    `limit`, each starting with `prefix`), in batches of at most `budget` source tokens
+    (`rebalance` over `workers`), each batch a Job for `search`, which returns one n-best list of
+    Hypothesis per source; `mapper(search, jobs)` runs them (map, or a worker pool's). `first` is
+    the index of lines[0] in the whole input: warnings name lines by it, and with `seed` (sampling)
+    each source's Job seed is (seed, its line's index, its piece)."""
+    texts = [normalize(line) for line in lines]
+    sources, owner, seeds = [], [], []  # every piece of every non-empty line, its line and seed
+    for i, ids in enumerate(vocab.encode_src(texts)):
+        if not texts[i]:
+            continue  # an empty line translates to an empty line
+        parts = pieces(vocab, texts[i], ids, limit, prefix)
+        if len(parts) > 1:
+            log.warning("line %d: %d subwords exceed the model's limit of %d; translating %d pieces",
+                        first + i + 1, len(ids) + len(prefix), limit, len(parts))
+        sources.extend(parts)
+        owner.extend([i] * len(parts))
+        seeds.extend([seed, first + i, k] for k in range(len(parts)))
+    batches = rebalance([len(s) for s in sources], max(1, budget), workers)
+    jobs = [([sources[j] for j in b], nbest, None if seed is None else [seeds[j] for j in b])
+            for b in batches]
+    found: list = [[] for _ in sources]
+    for batch, hyps_of in zip(batches, mapper(search, jobs)):
+        for j, hyps in zip(batch, hyps_of):
+            found[j] = hyps
+    return join(vocab, len(lines), sources, owner, found)

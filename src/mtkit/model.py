@@ -63,14 +63,16 @@ class Embedding(nn.Module):
 
 class TiedOutput(nn.Module):
     """Section 3.4: the pre-softmax projection shares the target embedding matrix: logits = x E^T.
-    The matrix is the embedding's parameter, not one of this module's."""
+    The matrix is the embedding's parameter, not one of this module's; `bias` (not in the paper,
+    model.output_bias) adds a learned bias, as Marian's models have."""
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, bias: bool = False):
         super().__init__()
         self._embedding = (embedding,)  # a tuple: not registered a second time
+        self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._embedding[0].weight)  # (B, T, V)
+        return F.linear(x, self._embedding[0].weight, self.bias)  # (B, T, V)
 
 
 class MultiHeadAttention(nn.Module):
@@ -133,16 +135,23 @@ class MultiHeadAttention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
 
 
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu, "swish": F.silu, "gelu": F.gelu}
+"""model.activation: the paper's max(0, x), or x * sigmoid(x) and the exact (erf) GELU of models
+made elsewhere."""
+
+
 class FeedForward(nn.Module):
-    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2."""
+    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2 (max(0, .) replaced by model.activation)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.activation = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(torch.relu(self.w1(x)))
+        return self.w2(self.activation(self.w1(x)))
 
 
 class Residual(nn.Module):
@@ -212,7 +221,7 @@ class Transformer(nn.Module):
         # Pre-norm needs a final LayerNorm on each stack; post-norm ends in one already.
         self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
-        self.output = TiedOutput(self.tgt_embed.tokens)
+        self.output = TiedOutput(self.tgt_embed.tokens, cfg.output_bias)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

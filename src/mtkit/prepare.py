@@ -39,7 +39,7 @@ from mtkit.data.corpus import (
     split_sources,
 )
 from mtkit.data.shards import FORMAT, MANIFEST, ShardWriter, id_dtype, sampled_pairs
-from mtkit.data.vocab import Vocab, load_processor, sample_pairs, sample_size, train_vocab
+from mtkit.data.vocab import Vocab, load_processor, marian_pieces, sample_pairs, sample_size, train_vocab
 from mtkit.errors import UserError
 from mtkit.io import atomic_dir, atomic_dir_leftovers, cause, exclusive
 
@@ -125,10 +125,10 @@ def encode_chunk(chunk: Chunk, f: Filters, vocab: Vocab, threads: int | None = N
 _WORKER_VOCAB: Vocab | None = None  # set once per worker process by _init_worker
 
 
-def _init_worker(src_model: bytes, tgt_model: bytes | None) -> None:
+def _init_worker(state: dict) -> None:
     global _WORKER_VOCAB
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _WORKER_VOCAB = Vocab(src_model, tgt_model)
+    _WORKER_VOCAB = Vocab.from_state(state)
 
 
 def _encode_in_worker(chunk: Chunk, f: Filters) -> Encoded:
@@ -161,7 +161,7 @@ def _encoder(vocab: Vocab, procs: int) -> Iterator[Callable[[Iterable], Iterator
         yield lambda tasks: (encode_chunk(chunk, f, vocab) for chunk, f in tasks)
         return
     pool = ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=_init_worker,
-                               initargs=(vocab.src_model, None if vocab.joint else vocab.tgt_model))
+                               initargs=(vocab.to_state(),))
     try:
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited by the workers
@@ -226,13 +226,26 @@ def given_vocab(tok: TokenizerConfig) -> tuple[Vocab, str] | None:
 
         path = resolve_model(tok.from_model)
         return Vocab.from_state(load_checkpoint(path)["vocab"]), str(path)
+    pieces = _read_id_map(tok.vocab) if tok.vocab else None
+    where = f" with ids of {tok.vocab}" if tok.vocab else ""
     if tok.model:
-        return Vocab(_read_model(tok.model, "tokenizer.model")), tok.model
+        return Vocab(_read_model(tok.model, "tokenizer.model"), None, pieces), tok.model + where
     if tok.src_model:
         models = (_read_model(tok.src_model, "tokenizer.src_model"),
                   _read_model(tok.tgt_model, "tokenizer.tgt_model"))
-        return Vocab(*models), f"{tok.src_model} + {tok.tgt_model}"
+        return Vocab(*models, pieces), f"{tok.src_model} + {tok.tgt_model}{where}"
     return None
+
+
+def _read_id_map(path: str) -> list[str]:
+    """tokenizer.vocab: Marian's vocab.json ({piece: id}), as mtkit's id map."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: vocabulary not found (tokenizer.vocab)") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable JSON vocabulary ({cause(exc)}) (tokenizer.vocab)") from None
+    return marian_pieces(data, f"{path} (tokenizer.vocab)")
 
 
 def _train_chunks(found: list[Corpus]) -> Iterator[Chunk]:
@@ -361,10 +374,13 @@ def _write_manifest(cfg: RunConfig, vocab: Vocab, splits: dict, tmp: Path) -> No
     (tmp / "spm.src.model").write_bytes(vocab.src_model)
     if not vocab.joint:
         (tmp / "spm.tgt.model").write_bytes(vocab.tgt_model)
+    if vocab.id_map is not None:
+        (tmp / "pieces.json").write_text(json.dumps(vocab.id_map, ensure_ascii=False), encoding="utf-8")
     manifest = {
         "format": FORMAT, "mtkit_version": __version__,
         "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang,
         "vocab": {"src_model": "spm.src.model", "tgt_model": None if vocab.joint else "spm.tgt.model",
+                  "pieces": None if vocab.id_map is None else "pieces.json",
                   "src_size": vocab.src_size, "tgt_size": vocab.tgt_size, "joint": vocab.joint,
                   "fingerprint": vocab.fingerprint},
         "splits": splits, "config": config_to_dict(cfg),

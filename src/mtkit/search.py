@@ -59,7 +59,7 @@ def greedy_search(model: Transformer, src: torch.Tensor, max_len_offset: int = 5
     done = torch.zeros(batch, dtype=torch.bool, device=src.device)
     for step in range(int(max_len.max())):
         logits = model.decode(tokens[:, -1:], cross, mask, cache, start=step)[:, -1]
-        logits[:, PAD] = float("-inf")
+        logits[:, [PAD, BOS]] = float("-inf")  # neither is ever an output
         nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
         nxt = torch.where(~done & (step + 1 >= max_len), torch.full_like(nxt, EOS), nxt)
@@ -186,7 +186,7 @@ def beam_search(model: Transformer, src: torch.Tensor, beam_size: int = 4, alpha
         logits = model.decode(tokens[:, -1:], cross, mask, cache, start=step, group=width)[:, -1]
         logp = logits.float().log_softmax(-1)
         n, V = scores.size(0), logp.size(-1)
-        logp[:, PAD] = float("-inf")
+        logp[:, [PAD, BOS]] = float("-inf")  # neither is ever an output
         ended = {r for r, s in enumerate(alive) if step + 1 >= limits[s]}  # all a sentence can end
         if ended:
             # At the limit only EOS may follow, finite even where the model rules it out, so every

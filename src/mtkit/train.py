@@ -394,6 +394,9 @@ def _check_data(cfg: RunConfig, data: PreparedData) -> None:
     if given is not None and given[0].fingerprint != data.fingerprint:
         raise UserError(f"{data.dir}: prepared with the vocabulary {data.fingerprint}, but the config's "
                         f"tokenizer ({given[1]}) is {given[0].fingerprint}: run mtkit prepare again")
+    if cfg.model.share_embeddings and not data.vocab.shared_ids:
+        raise UserError(f"{data.dir}: model.share_embeddings needs one id map for both sides, but its "
+                        "vocabulary has two (set model.share_embeddings: false)")
     src, _ = data.split("valid")
     if len(src) == 0:
         raise UserError(f"{data.dir}: the validation split is empty (data.splits.valid); "
@@ -441,9 +444,10 @@ def _train(cfg: RunConfig, data: PreparedData, ranks: Dist, device: torch.device
     _loop(run, state)
 
 
-STRUCTURE = ("d_model", "n_heads", "d_ff", "n_layers", "norm", "share_embeddings")
+STRUCTURE = ("d_model", "n_heads", "d_ff", "n_layers", "norm", "share_embeddings", "activation",
+             "output_bias")
 """Model keys that must agree for one model's weights to start another run (dropout and
-max_positions may differ: they hold no weights)."""
+max_positions may differ: they hold no weights; the activation is the function they were made for)."""
 
 
 def _init_weights(model: Transformer, cfg: RunConfig, data: PreparedData) -> dict:

@@ -24,8 +24,8 @@ from mtkit.data.corpus import normalize
 from mtkit.data.vocab import BOS, EOS, PAD, Vocab
 from mtkit.device import Precision, decode_precision, pick_device
 from mtkit.errors import UserError
-from mtkit.inference.workers import WorkerPool, check_workers, rebalance
-from mtkit.lines import Translation, join, pieces
+from mtkit.inference.workers import WorkerPool, check_workers
+from mtkit.lines import Job, Translation, source_limit, translate_lines
 from mtkit.model import Transformer
 from mtkit.search import Hypothesis, beam_search, greedy_search, sample_search
 
@@ -115,9 +115,9 @@ class Translator:
     def source_limit(self) -> int:
         """Longest source (subwords, the prefix tag included, EOS excluded) the model reads with
         room for its output."""
-        return max(self.model.cfg.max_positions - 1 - self.decode.max_len_offset, len(self.prefix) + 1)
+        return source_limit(self.model.cfg.max_positions, self.decode.max_len_offset, len(self.prefix))
 
-    def _search(self, job: tuple[list[list[int]], int, list | None]) -> list[list[Hypothesis]]:
+    def _search(self, job: Job) -> list[list[Hypothesis]]:
         """One batch of sources (with each one's seed when sampling): its n-best lists."""
         sources, nbest, seeds = job
         src, d = pad(sources, suffix=EOS).to(self.device), self.decode
@@ -141,29 +141,13 @@ class Translator:
             raise ValueError(f"nbest ({nbest}): sampling draws one translation per line")
         if not d.sample and nbest > d.beam_size:
             raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({d.beam_size})")
-        texts = [normalize(line) for line in lines]
-        sources, owner, seeds = [], [], []  # every piece of every non-empty line, its line and seed
-        for i, ids in enumerate(self.vocab.encode_src(texts)):
-            if not texts[i]:
-                continue  # an empty line translates to an empty line
-            parts = pieces(self.vocab, texts[i], ids, self.source_limit, self.prefix)
-            if len(parts) > 1:
-                log.warning("line %d: %d subwords exceed the model's limit of %d; translating %d pieces",
-                            first + i + 1, len(ids) + len(self.prefix), self.source_limit, len(parts))
-            sources.extend(parts)
-            owner.extend([i] * len(parts))
-            seeds.extend([d.seed, first + i, k] for k in range(len(parts)))
-        lengths = [len(s) for s in sources]
         width = 1 if d.sample else d.beam_size
-        batches = rebalance(lengths, max(1, d.max_tokens // width), self.workers)
-        jobs = [([sources[j] for j in b], nbest, [seeds[j] for j in b] if d.sample else None)
-                for b in batches]
-        results = map(self._search, jobs) if self._pool is None or len(jobs) <= 1 else self._pool.map(jobs)
-        found: list[list[Hypothesis]] = [[] for _ in sources]
-        for batch, hyps_of in zip(batches, results):
-            for j, hyps in zip(batch, hyps_of):
-                found[j] = hyps
-        return join(self.vocab, len(lines), sources, owner, found)
+
+        def mapper(search, jobs):
+            return map(search, jobs) if self._pool is None or len(jobs) <= 1 else self._pool.map(jobs)
+
+        return translate_lines(self.vocab, lines, self._search, self.source_limit, d.max_tokens // width,
+                               self.prefix, nbest, first, d.seed if d.sample else None, self.workers, mapper)
 
     def translate_nbest(self, lines: list[str], nbest: int = 1) -> list[list[tuple[str, float]]]:
         """Up to `nbest` (translation, score) pairs per input line, in input order."""

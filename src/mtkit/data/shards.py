@@ -187,7 +187,9 @@ class PreparedData:
         src_model = (self.dir / self.manifest["vocab"]["src_model"]).read_bytes()
         tgt_name = self.manifest["vocab"].get("tgt_model")
         try:
-            self.vocab = Vocab(src_model, (self.dir / tgt_name).read_bytes() if tgt_name else None)
+            pieces = self.manifest["vocab"].get("pieces")
+            id_map = json.loads((self.dir / pieces).read_text(encoding="utf-8")) if pieces else None
+            self.vocab = Vocab(src_model, (self.dir / tgt_name).read_bytes() if tgt_name else None, id_map)
         except ValueError as exc:
             raise UserError(f"{self.dir}: its SentencePiece model cannot be loaded ({exc}); "
                             "run `mtkit prepare --force` again") from None

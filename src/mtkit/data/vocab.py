@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -94,13 +95,32 @@ SPECIAL_NAMES = ("<pad>", "<unk>", "<s>", "</s>")
 class Subwords:
     """One SentencePiece model seen through mtkit's ids: PAD, UNK, BOS, EOS are 0-3 whatever ids the
     model gives them (or lacks), its other pieces follow in their order. A model made by mtkit has
-    those ids already, and its ids pass through unchanged."""
+    those ids already, and its ids pass through unchanged.
 
-    def __init__(self, model: bytes):
+    With `pieces` (mtkit id -> piece, the first four the specials) the ids are that list's instead:
+    an id map shared by two SentencePiece models, as Marian's vocab.json is. A piece of the model
+    that the list lacks is UNK, as in Marian."""
+
+    def __init__(self, model: bytes, pieces: list[str] | None = None):
         self.model = model
         self.sp = load_processor(model)
         own = [self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()]  # -1: absent
         n = self.sp.get_piece_size()
+        self.listed = list(pieces) if pieces is not None else None
+        if pieces is not None:
+            index = {p: i for i, p in enumerate(pieces)}
+            own_pieces = [self.sp.id_to_piece(i) for i in range(n)]
+            theirs = {p: i for i, p in enumerate(own_pieces)}
+            self.from_spm = np.array([index.get(p, UNK) for p in own_pieces], dtype=np.int64)
+            for ours, i in enumerate(own):
+                if i >= 0:
+                    self.from_spm[i] = ours
+            # a listed piece the model lacks decodes as its unknown piece, as decode_pieces would
+            self.to_spm = np.array([theirs.get(p, self.sp.unk_id()) for p in pieces], dtype=np.int64)
+            self.to_spm[[PAD, BOS, EOS]] = -1  # not text
+            self.to_spm[UNK] = self.sp.unk_id()
+            self.size = len(pieces)
+            return
         if own == [PAD, UNK, BOS, EOS]:
             self.to_spm = self.from_spm = None
             self.size = n
@@ -133,23 +153,41 @@ class Subwords:
 
     def decode(self, ids: list[int]) -> str:
         """One sentence's text; specials are not text."""
+        if self.listed is not None:
+            return self._decode_listed(ids)
         return self.sp.decode(self._theirs(ids))
 
     def decode_many(self, ids: list[list[int]]) -> list[str]:
+        if self.listed is not None:
+            return [self._decode_listed(x) for x in ids]
         return self.sp.decode([self._theirs(x) for x in ids])
 
+    def _decode_listed(self, ids: list[int]) -> str:
+        """As Marian's tokenizer decodes: the pieces' text (a piece the model lacks, such as one of
+        the other side's, verbatim), the specials (<unk> too) left out."""
+        text = self.sp.decode_pieces([self.listed[i] for i in ids if i > EOS])
+        return text.replace("\u2581", " ").strip()
+
     def id_to_piece(self, i: int) -> str:
+        if self.listed is not None:
+            return self.listed[i]
         if self.to_spm is None:
             return self.sp.id_to_piece(int(i))
         theirs = int(self.to_spm[i])
         return self.sp.id_to_piece(theirs) if theirs >= 0 else SPECIAL_NAMES[i]
 
     def piece_to_id(self, piece: str) -> int | None:
-        """mtkit's id of a piece; None when the model lacks it."""
+        """mtkit's id of a piece; None when the vocabulary lacks it."""
+        if self.listed is not None:
+            return self._index.get(piece)
         theirs = self.sp.piece_to_id(piece)
         if self.sp.is_unknown(theirs) and piece != self.sp.id_to_piece(theirs):
             return None
         return theirs if self.from_spm is None else int(self.from_spm[theirs])
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.listed or [])}
 
     @property
     def pieces(self) -> list[str]:
@@ -157,17 +195,54 @@ class Subwords:
         return [self.id_to_piece(i) for i in range(self.size)]
 
 
-class Vocab:
-    """Source and target subword models (the same one when the vocabulary is joint)."""
+def check_pieces(pieces: object, source: str) -> list[str]:
+    """An id map (mtkit id -> piece): a list of distinct strings whose first four are the specials
+    (any names); anything else is a UserError naming `source`."""
+    if not isinstance(pieces, list) or len(pieces) < 5 or not all(isinstance(p, str) for p in pieces):
+        raise UserError(f"{source}: an id map is a list of at least 5 pieces (strings), the first four "
+                        "the specials <pad>, <unk>, <s>, </s>")
+    if len(set(pieces)) < len(pieces):
+        twice = sorted({p for p in pieces if pieces.count(p) > 1})
+        raise UserError(f"{source}: pieces {twice[:3]} occur twice in the id map")
+    return pieces
 
-    def __init__(self, src_model: bytes, tgt_model: bytes | None = None):
+
+def marian_pieces(vocab: dict, source: str, specials: dict[str, str] | None = None) -> list[str]:
+    """Marian's vocab.json ({piece: id}) as mtkit's id map: PAD, UNK, BOS, EOS first (named by
+    `specials`: role -> piece; Marian has no BOS, mtkit's is "<s>"), then every other piece in
+    Marian's id order. Duplicate ids or a missing <unk> / </s> are a UserError naming `source`."""
+    names = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", **(specials or {})}
+    if not isinstance(vocab, dict) or not all(type(v) is int for v in vocab.values()):
+        raise UserError(f"{source}: not a vocabulary ({{piece: id}} JSON object)")
+    if len(set(vocab.values())) < len(vocab):
+        raise UserError(f"{source}: several pieces share one id")
+    for role in ("unk", "eos"):
+        if names[role] not in vocab:
+            raise UserError(f"{source}: no {names[role]!r} piece ({role})")
+    first = [names[r] for r in ("pad", "unk", "bos", "eos")]
+    rest = [p for p, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if p not in first]
+    return check_pieces(first + rest, source)
+
+
+class Vocab:
+    """Source and target subword models (the same one when the vocabulary is joint), with ids of
+    their own or, with `pieces`, one id map both sides share (see Subwords)."""
+
+    def __init__(self, src_model: bytes, tgt_model: bytes | None = None, pieces: list[str] | None = None):
         self.src_model, self.tgt_model = src_model, tgt_model or src_model
-        self.src = Subwords(self.src_model)
-        self.tgt = self.src if tgt_model is None else Subwords(self.tgt_model)
+        self.id_map = pieces
+        self.src = Subwords(self.src_model, pieces)
+        self.tgt = self.src if tgt_model is None else Subwords(self.tgt_model, pieces)
 
     @property
     def joint(self) -> bool:
+        """One SentencePiece model for both sides."""
         return self.tgt is self.src
+
+    @property
+    def shared_ids(self) -> bool:
+        """Both sides have the same ids (one model, or one id map): embeddings may be shared."""
+        return self.joint or self.id_map is not None
 
     @property
     def src_size(self) -> int:
@@ -208,12 +283,17 @@ class Vocab:
         digest = hashlib.sha256(self.src_model)
         if not self.joint:
             digest.update(b"\0" + self.tgt_model)
+        if self.id_map is not None:
+            digest.update(b"\0" + "\n".join(self.id_map).encode("utf-8"))
         return digest.hexdigest()[:16]
 
     def to_state(self) -> dict:
         """Serializable form stored in the prepared directory's manifest and in checkpoints."""
-        return {"src": self.src_model, "tgt": None if self.joint else self.tgt_model}
+        state = {"src": self.src_model, "tgt": None if self.joint else self.tgt_model}
+        if self.id_map is not None:
+            state["pieces"] = list(self.id_map)
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> Vocab:
-        return cls(state["src"], state.get("tgt"))
+        return cls(state["src"], state.get("tgt"), state.get("pieces"))

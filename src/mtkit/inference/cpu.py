@@ -154,14 +154,18 @@ class PackedLinear(nn.Module):
 
 
 class PackedFeedForward(nn.Module):
-    """FeedForward with packed layers, max(0, .) as the first one's post-op."""
+    """FeedForward with packed layers, max(0, .) as the first one's post-op (another activation
+    runs after it)."""
 
     def __init__(self, ffn: FeedForward):
         super().__init__()
-        self.w1, self.w2 = PackedLinear(ffn.w1, "relu"), PackedLinear(ffn.w2)
+        relu = ffn.activation is torch.relu
+        self.w1, self.w2 = PackedLinear(ffn.w1, "relu" if relu else "none"), PackedLinear(ffn.w2)
+        self.activation = None if relu else ffn.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.w1(x))
+        h = self.w1(x)
+        return self.w2(h if self.activation is None else self.activation(h))
 
 
 def _pack(module: nn.Module) -> None:
@@ -240,8 +244,12 @@ def install(model: Transformer, quantize: str | None = None) -> CPUBackend:
         layer.attn = FusedSelfAttention(layer.attn)
     for layer in model.decoder:
         layer.self_attn = FusedSelfAttention(layer.self_attn)
-    output = nn.Linear(model.cfg.d_model, model.tgt_embed.tokens.num_embeddings, bias=False, device="meta")
+    bias = model.output.bias
+    output = nn.Linear(model.cfg.d_model, model.tgt_embed.tokens.num_embeddings, bias=bias is not None,
+                       device="meta")
     output.weight = model.tgt_embed.tokens.weight  # the embedding matrix itself, as TiedOutput reads it
+    if bias is not None:
+        output.bias = bias
     model.output = output
     if quantize == "int8":
         with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
