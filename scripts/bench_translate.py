@@ -1,6 +1,6 @@
 """Translation-throughput benchmark: mtkit's Translator against CTranslate2 running the same weights
 (exported with mtkit.export), on the same file, in one invocation; also against
-Hugging Face transformers' `generate` on the same weights (scripts/hf_peer.py) when it is installed.
+Hugging Face transformers' `generate` on the same weights (mtkit.hf) when it is installed.
 
     python scripts/bench_translate.py [-m runs/quickstart] [--src FILE] [--ref FILE] [--beam 4]
         [--length-penalty A] [--max-tokens N] [--repeats 3] [--lines N] [--threads N]
@@ -30,10 +30,6 @@ from pathlib import Path
 import torch
 
 from benchlib import finish, machine
-
-# hf_peer imports transformers only when a model is converted: safe to import without it.
-from hf_peer import DIFFERENCES as HF_DIFFERENCES
-from hf_peer import INSTALL as HF_INSTALL
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import config_from_dict
 from mtkit.data.corpus import read_lines
@@ -41,6 +37,10 @@ from mtkit.data.vocab import Vocab
 from mtkit.errors import UserError
 from mtkit.evaluate import score
 from mtkit.export import ct2_translate, export_ctranslate2, load_ct2
+
+# mtkit.hf imports transformers only when a model is converted: safe to import without it.
+from mtkit.hf import DIFFERENCES as HF_DIFFERENCES
+from mtkit.hf import INSTALL as HF_INSTALL
 from mtkit.inference.cpu import tune_process
 from mtkit.translate import Translator
 
@@ -64,9 +64,10 @@ NOTES = [
     ("Timed: text in -> text out (SentencePiece, batching, search, detokenization); model loading, "
      "the CTranslate2 export and the transformers conversion are not timed. Target tokens = SentencePiece "
      "pieces of the output."),
-    ("transformers: the checkpoint converted with its exact weights (scripts/hf_peer.py: M2M100 for "
-     "pre-norm, MarianMTModel for post-norm, mtkit's sinusoids), eager `generate`, SDPA attention, "
-     "float32. Differences from mtkit: " + "; ".join(HF_DIFFERENCES) + "."),
+    ("transformers: the checkpoint converted with its exact weights (mtkit.hf: PegasusForConditional"
+     "Generation for pre-norm, MarianMTModel for post-norm, the model dimension permuted to their "
+     "sinusoid layout), `generate` through mtkit's line pipeline, float32. Differences from mtkit: "
+     + "; ".join(HF_DIFFERENCES) + "."),
 ]
 
 
@@ -127,10 +128,10 @@ def transformers_version() -> str | None:
 
 def make_system(name: str, model: Path, ct2_dir: Path, settings: dict, threads: int, device: str) -> System:
     """One system by name: mtkit fp32 / int8 (Translator), CTranslate2 float32 / int8 (the export),
-    transformers float32 (the checkpoint converted by hf_peer)."""
+    transformers float32 (the checkpoint converted by mtkit.hf)."""
     torch.set_num_threads(threads)
     if name == HF:
-        from hf_peer import hf_translate, to_transformers
+        from mtkit.hf import hf_translate, to_transformers
 
         peer = to_transformers(model, device)
         run = partial(hf_translate, peer, beam_size=settings["beam_size"],

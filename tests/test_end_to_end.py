@@ -142,6 +142,53 @@ def test_average_writes_a_model_translate_prefers(trained):
     assert "averaged.pt" in out.stderr and len(out.stdout.splitlines()) == 1
 
 
+def test_hf_export_round_trip_on_test_lines(trained, multi30k):
+    """export --format hf with the run's evaluation -> transformers reloads it from disk and gives
+    mtkit's greedy lines and logits on test_2016_flickr; import gives the original translations."""
+    import gzip
+
+    transformers = pytest.importorskip("transformers", reason='pip install "mtkit[hf]"')
+    import torch
+
+    from mtkit.data.batching import pad
+    from mtkit.data.vocab import BOS, EOS, PAD
+    from mtkit.hf import hf_translate, load_hf
+    from mtkit.translate import load_model
+
+    for lang in ("de", "en"):
+        with gzip.open(multi30k / f"test_2016_flickr.{lang}.gz", "rt", encoding="utf-8") as f:
+            (trained / f"test.{lang}").write_text("".join(next(f) for _ in range(40)), encoding="utf-8")
+    lines = (trained / "test.de").read_text(encoding="utf-8").splitlines()
+    best = "run/checkpoints/best.pt"
+    hyps = mtkit("translate", "-m", best, "--greedy", "--input", "test.de", cwd=trained).stdout.splitlines()
+    scores = mtkit("evaluate", "--ref", "test.en", "--json", cwd=trained, stdin="\n".join(hyps) + "\n").stdout
+    (trained / "eval.json").write_text(scores)
+    mtkit("export", "-m", best, "--format", "hf", "--eval", "flickr=eval.json", "--license", "cc-by-4.0",
+          "hf", cwd=trained)
+    card = (trained / "hf" / "README.md").read_text(encoding="utf-8")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and "translation" in meta["tags"]
+    assert meta["language"] == ["de", "en"] and meta["license"] == "cc-by-4.0"
+    metrics = {m["type"]: m for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["bleu"]["value"] == pytest.approx(json.loads(scores)["bleu"], abs=0.01)
+    assert metrics["chrf"]["args"]["signature"] == json.loads(scores)["signature"]["chrf"]
+
+    assert hf_translate(load_hf(trained / "hf"), lines, beam_size=1) == hyps  # reloaded from disk
+    model, vocab, _, _ = load_model(trained / best)
+    theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(trained / "hf").eval()
+    src = pad(vocab.encode_src(lines), suffix=EOS)
+    tgt_in = pad(vocab.encode_tgt(hyps), prefix=BOS)
+    with torch.no_grad():
+        a = model.eval()(src, tgt_in)
+        b = theirs(input_ids=src, attention_mask=src != PAD, decoder_input_ids=tgt_in).logits
+    real = tgt_in != PAD
+    assert (a[real] - b[real]).abs().max().item() < 1e-4
+
+    mtkit("import", "--format", "hf", "hf", "imported", cwd=trained)
+    back = mtkit("translate", "-m", "imported", "--input", "test.de", cwd=trained).stdout
+    assert back == mtkit("translate", "-m", best, "--input", "test.de", cwd=trained).stdout
+
+
 @pytest.mark.parametrize("args, stdin, needle", [
     (["prepare", "missing.yaml"], None, "missing.yaml: config file not found"),
     (["train", "run.yaml", "--set", "model.layers=3"], None, "did you mean 'n_layers'"),

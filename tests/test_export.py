@@ -75,8 +75,8 @@ def test_log_probs_equal_teacher_forced_mtkit(trained, exported):
     translator = Translator.load(run_dir, "cpu", beam_size=1)
     refs = [" ".join(w.upper() for w in reversed(line.split())) for line in lines]
     model = load_ct2(exported)
-    scored = model.translator.score_batch([model.src_spm.encode(s, out_type=str) for s in lines],
-                                          [model.tgt_spm.encode(t, out_type=str) for t in refs])
+    scored = model.translator.score_batch([model.vocab.src.sp.encode(s, out_type=str) for s in lines],
+                                          [model.vocab.tgt.sp.encode(t, out_type=str) for t in refs])
     src, tgt = translator.vocab.encode_src(lines), translator.vocab.encode_tgt(refs)
     with torch.no_grad():
         logp = translator.model(pad(src, suffix=EOS), pad(tgt, prefix=BOS)).log_softmax(-1)  # (B, T, V)
@@ -117,3 +117,30 @@ def test_missing_ctranslate2_names_the_install_command(trained, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # import now raises ImportError
     with pytest.raises(UserError, match=r'pip install "mtkit\[ct2\]"'):
         export_ctranslate2(trained[0], tmp_path / "model")
+
+
+def test_swish_exports_and_an_output_bias_is_one_error_line(tmp_path):
+    """CTranslate2 has swish (and gelu); it has no output bias, so such a model is refused by name."""
+    from conftest import random_lines, untrained_checkpoint
+
+    (tmp_path / "swish").mkdir()
+    (tmp_path / "bias").mkdir()
+    ckpt = untrained_checkpoint(tmp_path / "swish", activation="swish")
+    out = export_ctranslate2(ckpt, tmp_path / "swish_ct2")
+    lines = random_lines(12, seed=4)
+    ours = Translator.load(ckpt, "cpu", beam_size=1).translate(lines)
+    assert ct2_translate(out, lines, beam_size=1) == ours
+    biased = untrained_checkpoint(tmp_path / "bias", output_bias=True)
+    with pytest.raises(UserError, match="model.output_bias"):
+        export_ctranslate2(biased, tmp_path / "bias_ct2")
+    assert not (tmp_path / "bias_ct2").exists()
+
+
+def test_long_lines_are_translated_in_pieces_as_mtkit_does(trained, exported):
+    """The shared line pipeline: a line longer than the model reads is cut at punctuation and its
+    pieces translated apart, by CTranslate2 as by mtkit (not truncated)."""
+    run_dir, lines = trained
+    long = ", ".join(lines[:12])  # far beyond max_positions 64
+    ours = Translator.load(run_dir, "cpu", beam_size=1).translate([long, lines[0]])
+    theirs = ct2_translate(exported, [long, lines[0]], beam_size=1)
+    assert theirs == ours and len(ours[0].split()) > 25

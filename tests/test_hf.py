@@ -24,7 +24,8 @@ from mtkit.model import Transformer
 from mtkit.search import greedy_search
 from mtkit.translate import Translator
 
-transformers = pytest.importorskip("transformers", reason='transformers is not installed (pip install "mtkit[hf]")')
+transformers = pytest.importorskip("transformers",
+                                   reason='transformers is not installed (pip install "mtkit[hf]")')
 from mtkit.hf import convert, export_hf, generate_ids, hf_translate, import_hf, layout, load_hf  # noqa: E402
 
 VOCAB = 32
@@ -184,7 +185,8 @@ def test_round_trip_gives_the_original_model(exported, tmp_path, one_thread):
     for name, w in original["model"].items():
         torch.testing.assert_close(returned["model"][name], w, atol=1e-6, rtol=0)
     lines = random_lines(20, seed=9)
-    assert Translator.load(back, device="cpu").translate(lines) == Translator.load(ckpt, device="cpu").translate(lines)
+    original_lines = Translator.load(ckpt, device="cpu").translate(lines)
+    assert Translator.load(back, device="cpu").translate(lines) == original_lines
 
 
 def test_export_refuses_a_non_empty_directory(exported, tmp_path):
@@ -222,7 +224,8 @@ def opus_mt_directory(path: Path, activation: str = "swish", **config) -> Path:
     vocab["<pad>"] = len(vocab)
     n = len(vocab)
     settings = dict(vocab_size=n, decoder_vocab_size=n, d_model=16, encoder_layers=2, decoder_layers=2,
-                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                    decoder_ffn_dim=32,
                     activation_function=activation, max_position_embeddings=64, pad_token_id=n - 1,
                     eos_token_id=0, decoder_start_token_id=n - 1, forced_eos_token_id=0, scale_embedding=True,
                     share_encoder_decoder_embeddings=True, dropout=0.0, init_std=0.3)

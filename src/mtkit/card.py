@@ -330,17 +330,16 @@ def _usage_section(cfg: RunConfig, engine: str, src: str, tgt: str) -> list[str]
         lines += ["This directory is a CTranslate2 model. For a Transformers model directory, export the "
                   "checkpoint again:", "", "```bash", "mtkit export -m MODEL --format hf HF_DIR", "```", ""]
     lines += ["```python",
-              "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline",
-              "",
-              f'translator = pipeline("translation", model="{hf_dir}")',
-              f'print(translator(["..."])[0]["translation_text"])  # {src} in, {tgt} out',
+              "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
               "",
               f'tokenizer = AutoTokenizer.from_pretrained("{hf_dir}")',
               f'model = AutoModelForSeq2SeqLM.from_pretrained("{hf_dir}")',
-              'batch = tokenizer(["..."], return_tensors="pt", padding=True)',
-              f"output = model.generate(**batch, num_beams={beam})",
-              "print(tokenizer.batch_decode(output, skip_special_tokens=True))",
-              "```", "", "### CTranslate2", ""]
+              f'batch = tokenizer(["..."], return_tensors="pt", padding=True)  # {src} in',
+              f"output = model.generate(**batch, num_beams={beam})  # the directory's generation_config.json",
+              f"print(tokenizer.batch_decode(output, skip_special_tokens=True))  # {tgt} out",
+              "```", "",
+              "With transformers 4.x, `pipeline(\"translation\", model=...)` works too (transformers 5 "
+              "removed that pipeline).", "", "### CTranslate2", ""]
     ct2_dir = "MODEL_DIR" if engine == "ctranslate2" else "CT2_DIR"
     if engine != "ctranslate2":
         lines += ["For a CTranslate2 model directory (`pip install \"mtkit[ct2]\"`), export the checkpoint "
