@@ -145,19 +145,23 @@ def _hf_config(cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> Any:
                            tie_word_embeddings=True, **common)  # the output is always the target embedding
 
 
-def generation_config(decode: DecodeConfig, max_new_tokens: int | None = None, max_length: int | None = None
-                      ) -> Any:
+def generation_settings(decode: DecodeConfig, max_new_tokens: int | None = None,
+                        max_length: int | None = None) -> dict:
     """`generate` settings closest to mtkit's search: beam size, alpha, stop at beam_size finished
-    hypotheses, never PAD or BOS, EOS forced at the length limit."""
-    tf = _transformers()
+    hypotheses, never PAD or BOS, EOS forced at the length limit (`max_new_tokens` after the
+    decoder's start token, else `max_length` with it)."""
     beam = ({"length_penalty": decode.length_penalty, "early_stopping": True} if decode.beam_size > 1
             else {"length_penalty": 1.0, "early_stopping": False})  # greedy: transformers' defaults
-    # max_length counts the decoder's start token; only it is set, so that no model default competes
-    limit = {"max_length": max_new_tokens + 1 if max_new_tokens else max_length}
-    return tf.GenerationConfig(
-        num_beams=decode.beam_size, do_sample=False, num_return_sequences=1, bos_token_id=BOS,
-        eos_token_id=EOS, pad_token_id=PAD, decoder_start_token_id=BOS, forced_eos_token_id=EOS,
-        suppress_tokens=[PAD, BOS], **limit, **beam)
+    return {"num_beams": decode.beam_size, "do_sample": False, "num_return_sequences": 1, "bos_token_id": BOS,
+            "eos_token_id": EOS, "pad_token_id": PAD, "decoder_start_token_id": BOS,
+            "forced_eos_token_id": EOS, "suppress_tokens": [PAD, BOS],
+            # max_length counts the decoder's start token; only it is set, so no model default competes
+            "max_length": max_new_tokens + 1 if max_new_tokens else max_length, **beam}
+
+
+def generation_config(decode: DecodeConfig, max_length: int) -> Any:
+    """The GenerationConfig saved with an export (generation_config.json)."""
+    return _transformers().GenerationConfig(**generation_settings(decode, max_length=max_length))
 
 
 @torch.no_grad()
@@ -309,12 +313,13 @@ def generate_ids(hf: Any, src: torch.Tensor, max_new_tokens: int, decode: Decode
                  nbest: int = 1) -> list[list[Hypothesis]]:
     """n-best Hypotheses (token ids without BOS/EOS, score) per row of a padded source batch (B, S)
     ending in EOS, by `generate`."""
-    gen = generation_config(decode, max_new_tokens)
-    gen.num_return_sequences = nbest
-    gen.output_scores = gen.return_dict_in_generate = True
+    settings = {**generation_settings(decode, max_new_tokens), "num_return_sequences": nbest,
+                "output_scores": True, "return_dict_in_generate": True}
     with torch.inference_mode():
         src = src.to(hf.device)
-        out = hf.generate(input_ids=src, attention_mask=src != PAD, generation_config=gen)
+        # every setting as an argument: those outrank the model's generation config in transformers 4
+        # (which replaces a given config's default-valued fields with the model's) and 5 alike
+        out = hf.generate(input_ids=src, attention_mask=src != PAD, **settings)
     scores = (out.sequences_scores.tolist() if getattr(out, "sequences_scores", None) is not None
               else [0.0] * out.sequences.size(0))
     rows = []
