@@ -187,12 +187,18 @@ def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization
         vocab = state["vocab"]
         (tmp / SOURCE_SPM).write_bytes(vocab["src"])
         (tmp / TARGET_SPM).write_bytes(vocab.get("tgt") or vocab["src"])
-        info = {"checkpoint": str(path.resolve()), "step": state.get("step"), "quantization": quantization,
-                "config": state["config"], "pieces": vocab.get("pieces")}
-        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_record(tmp, path, state, card, quantization=quantization, pieces=vocab.get("pieces"))
     return out
+
+
+def write_record(out: Path, checkpoint: Path, state: dict, card: str | None, **extra) -> None:
+    """What every export writes beside the model: mtkit_export.json (the checkpoint it came from,
+    its step and config, and `extra`) and the model card as README.md."""
+    info = {"checkpoint": str(checkpoint.resolve()), "step": state.get("step"), "config": state["config"],
+            **extra}
+    (out / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if card is not None:
+        (out / "README.md").write_text(card, encoding="utf-8")
 
 
 @dataclass

@@ -33,10 +33,11 @@ from typing import Any
 import torch
 
 from mtkit.checkpoint import MODEL_FILE, load_checkpoint, resolve_model, save_checkpoint
-from mtkit.config import DecodeConfig, ModelConfig, RunConfig, config_from_dict, config_to_dict
+from mtkit.config import DecodeConfig, ModelConfig, RunConfig, config_from_dict, config_to_dict, save_config
 from mtkit.data.batching import pad
 from mtkit.data.vocab import BOS, EOS, PAD, UNK, Vocab, marian_pieces
 from mtkit.errors import UserError
+from mtkit.export import INFO, SOURCE_SPM, TARGET_SPM, check_out_dir, write_record
 from mtkit.io import atomic_dir
 from mtkit.lines import Job, Translation, output_steps, source_limit, translate_lines
 from mtkit.model import Transformer
@@ -45,8 +46,7 @@ from mtkit.search import Hypothesis
 log = logging.getLogger("mtkit")
 
 INSTALL = 'pip install "mtkit[hf]"'
-SOURCE_SPM, TARGET_SPM, VOCAB, TARGET_VOCAB = "source.spm", "target.spm", "vocab.json", "target_vocab.json"
-INFO = "mtkit_export.json"
+VOCAB, TARGET_VOCAB = "vocab.json", "target_vocab.json"
 # Everything an export writes; only these are replaced when `force` overwrites a directory.
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", SOURCE_SPM, TARGET_SPM, VOCAB,
                 TARGET_VOCAB, "tokenizer_config.json", "special_tokens_map.json", "README.md", INFO)
@@ -247,8 +247,6 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False,
     tokenizer files, mtkit_export.json, and `card` as README.md) for a checkpoint or run directory.
     An existing non-empty `out_dir` is refused unless `force`, which replaces only what an export
     writes. Returns `out_dir`."""
-    from mtkit.export import check_out_dir
-
     out = Path(out_dir)
     check_out_dir(out, force)
     path = resolve_model(checkpoint)
@@ -259,11 +257,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False,
     with atomic_dir(out, replace_only=_previous_export) as tmp:  # the whole export or none of it
         hf.save_pretrained(tmp)
         _write_tokenizer(vocab, cfg, tmp)
-        info = {"checkpoint": str(path.resolve()), "step": state.get("step"), "config": state["config"],
-                "vocab_fingerprint": vocab.fingerprint}
-        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_record(tmp, path, state, card, vocab_fingerprint=vocab.fingerprint)
     return out
 
 
@@ -410,9 +404,6 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, force: bool = False) -
     """A MarianMTModel directory (or mtkit's export of a pre-norm model, Pegasus) -> `out_dir` with
     model.pt (an mtkit checkpoint: weights, config, vocabulary) and config.yaml (its settings, the
     model section to fine-tune it with). Returns the checkpoint's path."""
-    from mtkit.config import save_config
-    from mtkit.export import check_out_dir
-
     tf, model_dir, out = _transformers(), Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a transformers model directory (no config.json)")
@@ -472,7 +463,7 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, force: bool = False) -
     model.load_state_dict(weights)  # every weight of mtkit's model, and no other
     state = {"model": model.state_dict(), "config": config_to_dict(run), "vocab": vocab.to_state(),
              "vocab_fingerprint": vocab.fingerprint, "step": 0, "imported_from": str(model_dir.resolve())}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace_only=lambda entry: entry.name in (MODEL_FILE, "config.yaml")) as tmp:
         save_checkpoint(state, tmp / MODEL_FILE)
         save_config(run, tmp / "config.yaml")
     return out / MODEL_FILE
