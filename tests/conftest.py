@@ -81,8 +81,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-def untrained_checkpoint(work: Path, **model) -> Path:
-    """A prepared synthetic corpus in `work` and an untrained model on it, saved as work/untrained.pt."""
+def untrained_checkpoint(work: Path, tokenizer: dict | None = None, **model) -> Path:
+    """A prepared synthetic corpus in `work` and an untrained model on it, saved as work/untrained.pt
+    (`tokenizer`, `model`: config keys that change the defaults here)."""
     from mtkit.checkpoint import save_checkpoint
     from mtkit.config import config_from_dict, config_to_dict
     from mtkit.data.shards import PreparedData
@@ -92,7 +93,7 @@ def untrained_checkpoint(work: Path, **model) -> Path:
     write_text_pair(work, "train", synthetic_pairs(300))
     raw = {"data": {"dir": str(work), "splits": {"train": "train.{lang}", "valid": "train.{lang}"},
                     "src_lang": "xx", "tgt_lang": "yy", "prepared_dir": str(work / "prepared")},
-           "tokenizer": {"vocab_size": 320},
+           "tokenizer": {"vocab_size": 320, **(tokenizer or {})},
            "model": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 2, "dropout": 0.0,
                      "max_positions": 64, **model},
            "decode": {"beam_size": 3, "max_len_offset": 6}}

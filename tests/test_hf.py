@@ -113,12 +113,17 @@ def test_greedy_generate_equals_greedy_search(norm, eos_bias):
 
 # --- export, save, reload ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["post", "pre"])
+KINDS = {"post": {"norm": "post"}, "pre": {"norm": "pre"},
+         "post, two vocabularies": {"norm": "post", "share_embeddings": False, "tokenizer": {"joint": False}}}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
 def exported(request, tmp_path_factory) -> tuple[Path, Path]:
-    """(checkpoint, its transformers export) of an untrained model, post-norm (Marian) or pre-norm."""
-    work = tmp_path_factory.mktemp(f"hf_{request.param}")
+    """(checkpoint, its transformers export) of an untrained model: post-norm (Marian), pre-norm
+    (Pegasus), or post-norm with a SentencePiece model and embedding per side."""
+    work = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    ckpt = untrained_checkpoint(work, norm=request.param, max_positions=96)
+    ckpt = untrained_checkpoint(work, max_positions=96, **KINDS[request.param])
     state = load_checkpoint(ckpt)
     weights = state["model"]
     g = torch.Generator().manual_seed(1)
@@ -182,6 +187,7 @@ def test_round_trip_gives_the_original_model(exported, tmp_path, one_thread):
     original, returned = load_checkpoint(ckpt), load_checkpoint(back)
     assert returned["config"]["model"] == original["config"]["model"]
     assert returned["config"]["decode"] == original["config"]["decode"]
+    assert returned["vocab"] == original["vocab"]  # the same SentencePiece model(s) and ids
     for name, w in original["model"].items():
         torch.testing.assert_close(returned["model"][name], w, atol=1e-6, rtol=0)
     lines = random_lines(20, seed=9)

@@ -283,14 +283,6 @@ def to_transformers(checkpoint: str | Path, device: str = "cpu") -> HFModel:
     return HFModel(hf.to(device), vocab, cfg.model.max_positions, cfg.decode)
 
 
-def hf_vocab(model_dir: Path) -> Vocab:
-    """mtkit's Vocab of a transformers directory exported by mtkit (its vocab.json holds mtkit's ids)."""
-    src, tgt = (model_dir / SOURCE_SPM).read_bytes(), (model_dir / TARGET_SPM).read_bytes()
-    ids = json.loads((model_dir / VOCAB).read_text(encoding="utf-8"))
-    pieces = [p for p, _ in sorted(ids.items(), key=lambda kv: kv[1])]
-    return Vocab(src, None if tgt == src else tgt, pieces)
-
-
 def load_hf(model_dir: str | Path, device: str = "cpu") -> HFModel:
     """A directory written by `export_hf`, loaded by transformers (AutoModelForSeq2SeqLM) as any
     user would, with the run's vocabulary and decoding settings."""
@@ -300,7 +292,8 @@ def load_hf(model_dir: str | Path, device: str = "cpu") -> HFModel:
     info = json.loads((model_dir / INFO).read_text(encoding="utf-8"))
     cfg = config_from_dict(info["config"], str(model_dir / INFO))
     hf = tf.AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval().to(device)
-    return HFModel(hf, hf_vocab(model_dir), cfg.model.max_positions, cfg.decode)
+    vocab, _, _ = _import_vocab(model_dir, hf.config, (model_dir / TARGET_VOCAB).is_file())
+    return HFModel(hf, vocab, cfg.model.max_positions, cfg.decode)
 
 
 def generate_ids(hf: Any, src: torch.Tensor, max_new_tokens: int, decode: DecodeConfig,
@@ -375,29 +368,70 @@ def _import_config(c: Any, model_dir: Path) -> ModelConfig:
         problems.append(f"activation_function {c.activation_function!r} (mtkit has relu, swish, gelu)")
     if not getattr(c, "scale_embedding", False):
         problems.append("scale_embedding false (mtkit scales embeddings by sqrt(d_model))")
-    if not getattr(c, "share_encoder_decoder_embeddings", True):
-        problems.append("share_encoder_decoder_embeddings false (separate source and target vocabularies)")
     if problems:
         raise UserError(f"{model_dir}: cannot import: {'; '.join(problems)}")
     return ModelConfig(d_model=c.d_model, n_heads=c.encoder_attention_heads, d_ff=c.encoder_ffn_dim,
                        n_layers=c.encoder_layers, dropout=c.dropout, attention_dropout=c.attention_dropout,
-                       norm="pre" if kind == "pegasus" else "post", share_embeddings=True,
+                       norm="pre" if kind == "pegasus" else "post",
+                       share_embeddings=bool(getattr(c, "share_encoder_decoder_embeddings", True)),
                        max_positions=c.max_position_embeddings,
                        activation=IMPORTED_ACTIVATIONS[c.activation_function], output_bias=True)
 
 
-def _import_weights(hf_state: dict, cfg: ModelConfig, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """mtkit weights from a MarianMTModel's (or Pegasus') state dict; `rows[i]`: the transformers id
-    of mtkit id i."""
-    embed = hf_state["model.shared.weight"][rows]
+def _import_weights(hf_state: dict, cfg: ModelConfig, src_rows: list[int], tgt_rows: list[int]
+                    ) -> dict[str, torch.Tensor]:
+    """mtkit weights from a MarianMTModel's (or Pegasus') state dict; `src_rows[i]` / `tgt_rows[i]`:
+    the transformers id of mtkit's source / target id i."""
+    shared = hf_state.get("model.shared.weight")
+    enc = hf_state["model.encoder.embed_tokens.weight"] if shared is None else shared
+    dec = hf_state["model.decoder.embed_tokens.weight"] if shared is None else shared
     head = hf_state.get("lm_head.weight")
-    if head is not None and not torch.equal(head, hf_state["model.shared.weight"]):
-        raise UserError("cannot import: lm_head is not the embedding matrix (untied output projection)")
-    w = {"src_embed.tokens.weight": embed, "tgt_embed.tokens.weight": embed,
-         "output.bias": hf_state["final_logits_bias"].reshape(-1)[rows]}
+    if head is not None and not torch.equal(head, dec):
+        raise UserError("cannot import: lm_head is not the decoder's embedding matrix (an untied output "
+                        "projection)")
+    w = {"src_embed.tokens.weight": enc[src_rows], "tgt_embed.tokens.weight": dec[tgt_rows],
+         "output.bias": hf_state["final_logits_bias"].reshape(-1)[tgt_rows]}
     for ours, theirs in _layer_names(cfg.n_layers, cfg.norm == "pre").items():
         w[f"{ours}.weight"], w[f"{ours}.bias"] = hf_state[f"{theirs}.weight"], hf_state[f"{theirs}.bias"]
     return permute_stream({k: v.float() for k, v in w.items()}, torch.argsort(layout(cfg.d_model)))
+
+
+def _own_ids(ids: object, subwords: Any) -> bool:
+    """Whether a vocab.json holds mtkit's own ids of a SentencePiece model (as mtkit exports write)."""
+    try:
+        return ids == _vocab_json(subwords.pieces)
+    except UserError:
+        return False
+
+
+def _import_vocab(model_dir: Path, config: Any, separate: bool) -> tuple[Vocab, list[int], list[int]]:
+    """The vocabulary of a transformers directory, and per side the transformers id of each mtkit id.
+
+    vocab.json with mtkit's own ids (an mtkit export) gives back the original vocabulary, fingerprint
+    and all; any other (OPUS-MT's) becomes the vocabulary's id map, shared by both sides."""
+    src, tgt = (model_dir / SOURCE_SPM).read_bytes(), (model_dir / TARGET_SPM).read_bytes()
+    try:
+        own = Vocab(src, None if tgt == src else tgt)
+    except ValueError as exc:
+        raise UserError(f"{model_dir}: {exc}") from None
+    ids = _read_json(model_dir / VOCAB, "vocabulary")
+    tgt_ids = _read_json(model_dir / TARGET_VOCAB, "target vocabulary") if separate else ids
+    if _own_ids(ids, own.src) and _own_ids(tgt_ids, own.tgt) and (separate or own.shared_ids):
+        return own, list(range(own.src_size)), list(range(own.tgt_size))
+    if separate:
+        raise UserError(f"{model_dir}: cannot import: separate source and target vocabularies whose ids are "
+                        "not mtkit's (mtkit shares one id map between two SentencePiece models)")
+    names = {"pad": _piece_of(ids, config.pad_token_id, "<pad>"),
+             "eos": _piece_of(ids, config.eos_token_id, "</s>")}
+    pieces = marian_pieces(ids, str(model_dir / VOCAB), names)
+    vocab = Vocab(src, None if tgt == src else tgt, pieces)
+    start = config.decoder_start_token_id
+    start = config.pad_token_id if start is None else start
+    rows = [ids.get(p, -1) for p in pieces]
+    rows[PAD], rows[BOS] = config.pad_token_id, start  # the decoder starts from BOS, Marian's from <pad>
+    if min(rows) < 0 or max(rows) >= config.vocab_size:
+        raise UserError(f"{model_dir}: {VOCAB} has ids outside the model's {config.vocab_size} embeddings")
+    return vocab, rows, rows
 
 
 def import_hf(model_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
@@ -416,29 +450,13 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, force: bool = False) -
                             "and vocab.json)")
     tokenizer = _read_json(model_dir / "tokenizer_config.json", "tokenizer") if (
         model_dir / "tokenizer_config.json").is_file() else {}
-    if tokenizer.get("separate_vocabs"):
-        raise UserError(f"{model_dir}: cannot import: separate source and target vocabularies "
-                        "(separate_vocabs true)")
-    ids = _read_json(model_dir / VOCAB, "vocabulary")
-    names = {"pad": _piece_of(ids, config.pad_token_id, "<pad>"),
-             "eos": _piece_of(ids, config.eos_token_id, "</s>")}
-    pieces = marian_pieces(ids, str(model_dir / VOCAB), names)
-    src, tgt = (model_dir / SOURCE_SPM).read_bytes(), (model_dir / TARGET_SPM).read_bytes()
-    try:
-        vocab = Vocab(src, None if tgt == src else tgt, pieces)
-    except ValueError as exc:
-        raise UserError(f"{model_dir}: {exc}") from None
-    start = config.decoder_start_token_id
-    start = config.pad_token_id if start is None else start
-    rows = [ids.get(p, -1) for p in pieces]
-    rows[PAD], rows[BOS] = config.pad_token_id, start  # the decoder starts from BOS, Marian's from <pad>
-    if min(rows) < 0 or max(rows) >= config.vocab_size:
-        raise UserError(f"{model_dir}: {VOCAB} has ids outside the model's {config.vocab_size} embeddings")
+    separate = bool(tokenizer.get("separate_vocabs")) or (model_dir / TARGET_VOCAB).is_file()
+    vocab, src_rows, tgt_rows = _import_vocab(model_dir, config, separate)
     hf = tf.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     hf_state = hf.state_dict()
     # an all-zero output bias (as mtkit's own exports have) is no bias: the paper's model
     cfg = replace(cfg, output_bias=bool(hf_state["final_logits_bias"].any()))
-    weights = _import_weights(hf_state, cfg, torch.tensor(rows))
+    weights = _import_weights(hf_state, cfg, src_rows, tgt_rows)
     if not cfg.output_bias:
         del weights["output.bias"]
     run = RunConfig(model=cfg)
@@ -446,8 +464,9 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, force: bool = False) -
     run.data = replace(run.data, src_lang=tokenizer.get("source_lang") or run.data.src_lang,
                        tgt_lang=tokenizer.get("target_lang") or run.data.tgt_lang,
                        splits={"train": "train", "valid": "valid"})
-    run.tokenizer = replace(run.tokenizer, joint=vocab.joint, vocab=str((model_dir / VOCAB).resolve()),
-                            vocab_size=vocab.src_size, model=None, src_model=None, tgt_model=None)
+    id_map = str((model_dir / VOCAB).resolve()) if vocab.id_map is not None else None
+    run.tokenizer = replace(run.tokenizer, joint=vocab.joint, vocab=id_map, vocab_size=vocab.src_size,
+                            model=None, src_model=None, tgt_model=None)
     if vocab.joint:
         run.tokenizer.model = str((model_dir / SOURCE_SPM).resolve())
     else:
