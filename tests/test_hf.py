@@ -5,6 +5,7 @@ mtkit -> transformers -> mtkit gives the original model back."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -346,3 +347,32 @@ def test_import_errors_are_one_line(opus_mt, tmp_path):
     with pytest.raises(UserError, match="no vocab.json"):
         import_hf(copy, out)
     assert not out.exists()  # nothing half-written
+
+
+def test_every_translator_puts_the_prefix_tag_first(tmp_path, one_thread):
+    """decode.prefix goes through the shared line pipeline: transformers (and CTranslate2, when
+    installed) translate tagged sources as mtkit does."""
+    from conftest import tagged_vocab
+    from mtkit.checkpoint import save_checkpoint
+    from mtkit.config import RunConfig, config_to_dict
+    from mtkit.hf import to_transformers
+
+    vocab = tagged_vocab()
+    cfg = RunConfig(model=tiny_model_config(n_layers=2, max_positions=64))
+    cfg.decode = DecodeConfig(beam_size=1, max_len_offset=8, prefix="<BT>")
+    cfg.data.splits = {"train": "train.{lang}", "valid": "valid.{lang}"}
+    model = Transformer(cfg.model, vocab.src_size, vocab.tgt_size)
+    roughen(model)
+    ckpt = tmp_path / "tagged.pt"
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "vocab": vocab.to_state(),
+                     "step": 0}, ckpt)
+    lines = random_lines(16, seed=8)
+    translator = Translator.load(ckpt, device="cpu")
+    ours = translator.translate(lines)
+    tag = vocab.tag_id("<BT>")
+    assert all(t.src_ids[0] == tag for t, line in zip(translator.run(lines), lines) if line.strip())
+    assert hf_translate(to_transformers(ckpt), lines) == ours
+    if importlib.util.find_spec("ctranslate2") is not None:
+        from mtkit.export import ct2_translate, export_ctranslate2
+
+        assert ct2_translate(export_ctranslate2(ckpt, tmp_path / "ct2"), lines) == ours

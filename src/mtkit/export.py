@@ -32,6 +32,7 @@ from mtkit.io import atomic_dir
 from mtkit.lines import Job, Translation, output_steps, source_limit, translate_lines
 from mtkit.model import sinusoids
 from mtkit.search import Hypothesis
+from mtkit.translate import prefix_ids
 
 INSTALL = 'pip install "mtkit[ct2]"'
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
@@ -234,7 +235,8 @@ def ct2_translate_nbest(model: CT2Model | str | Path, lines: list[str], nbest: i
     Batches are submitted together, so `inter_threads` of them run at once."""
     model = model if isinstance(model, CT2Model) else load_ct2(model)
     d = replace(model.decode, **{k: v for k, v in overrides.items() if v is not None})
-    vocab, limit = model.vocab, source_limit(model.max_positions, d.max_len_offset)
+    vocab, prefix = model.vocab, prefix_ids(model.vocab, d.prefix)
+    limit = source_limit(model.max_positions, d.max_len_offset, len(prefix))
 
     def submit(job: Job) -> tuple[list, list[int]]:
         sources = [[vocab.src.id_to_piece(i) for i in ids] for ids in job[0]]
@@ -258,7 +260,8 @@ def ct2_translate_nbest(model: CT2Model | str | Path, lines: list[str], nbest: i
         submitted = [submit(job) for job in jobs]  # all at once: inter_threads batches run in parallel
         return (collect(*s) for s in submitted)
 
-    return translate_lines(vocab, lines, None, limit, d.max_tokens // d.beam_size, nbest=nbest, mapper=mapper)
+    return translate_lines(vocab, lines, None, limit, d.max_tokens // d.beam_size, prefix, nbest,
+                           mapper=mapper)
 
 
 def ct2_translate(model: CT2Model | str | Path, lines: list[str], beam_size: int | None = None,

@@ -42,6 +42,7 @@ from mtkit.io import atomic_dir
 from mtkit.lines import Job, Translation, output_steps, source_limit, translate_lines
 from mtkit.model import Transformer
 from mtkit.search import Hypothesis
+from mtkit.translate import prefix_ids
 
 log = logging.getLogger("mtkit")
 
@@ -320,7 +321,8 @@ def hf_translate_nbest(model: HFModel, lines: list[str], nbest: int = 1, **overr
     """Translations of `lines` by `generate`, through mtkit's line pipeline (order, empty lines, long
     lines in pieces, token-budget batches); `overrides` replace DecodeConfig fields."""
     d = replace(model.decode, **{k: v for k, v in overrides.items() if v is not None})
-    limit = source_limit(model.max_positions, d.max_len_offset)
+    prefix = prefix_ids(model.vocab, d.prefix)
+    limit = source_limit(model.max_positions, d.max_len_offset, len(prefix))
 
     def search(job: Job) -> list[list[Hypothesis]]:
         sources = job[0]
@@ -331,7 +333,7 @@ def hf_translate_nbest(model: HFModel, lines: list[str], nbest: int = 1, **overr
                 h.tokens[:] = h.tokens[: n - 1]
         return found
 
-    return translate_lines(model.vocab, lines, search, limit, d.max_tokens // d.beam_size, nbest=nbest)
+    return translate_lines(model.vocab, lines, search, limit, d.max_tokens // d.beam_size, prefix, nbest)
 
 
 def hf_translate(model: HFModel, lines: list[str], **overrides) -> list[str]:
