@@ -4,7 +4,7 @@
 translates test_2016_flickr lines greedily one at a time with mtkit's per-sentence length limit, and
 compares every line with `mtkit translate --greedy`.
 
-    python3 scripts/check_transformers.py -m runs/quickstart [--lines 100] [--out runs/check_transformers.json]
+    python3 scripts/check_transformers.py -m runs/quickstart [--lines 100] [--out FILE.json]
 
 Run it once per transformers version (e.g. with another version first on PYTHONPATH); it prints the
 agreement and writes it as JSON.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import sys
 import tempfile
@@ -28,7 +27,8 @@ from mtkit.hf import export_hf
 from mtkit.lines import output_steps
 from mtkit.translate import Translator
 
-DATA = Path(os.environ.get("MTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))
+DATA = Path(os.environ.get("MTKIT_DATA",
+                           Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"))
 
 
 def main() -> None:

@@ -99,6 +99,8 @@ def _fill(spec: Any, weights: dict, positions: np.ndarray, pre_norm: bool) -> No
     enc.embeddings[0].weight = _array(weights["src_embed.tokens.weight"])
     dec.embeddings.weight = _array(weights["tgt_embed.tokens.weight"])
     dec.projection.weight = dec.embeddings.weight  # section 3.4: tied, no output bias
+    if "output.bias" in weights:  # model.output_bias (Marian's models)
+        dec.projection.bias = _array(weights["output.bias"])
     enc.position_encodings.encodings = dec.position_encodings.encodings = positions
     for i, layer in enumerate(enc.layer):
         p = f"encoder.{i}"
@@ -132,9 +134,6 @@ def _build_spec(state: dict, source: str) -> Any:
     ct2 = _ctranslate2()
     cfg = config_from_dict(state["config"], source).model
     vocab = Vocab.from_state(state["vocab"])
-    if cfg.output_bias:
-        raise UserError(f"{source}: model.output_bias: CTranslate2's Transformer has no output bias "
-                        "(export to transformers instead: --format hf)")
     activation = {"relu": ct2.specs.Activation.RELU, "swish": ct2.specs.Activation.SWISH,
                   "gelu": ct2.specs.Activation.GELU}[cfg.activation]
     spec = ct2.specs.TransformerSpec.from_config(
