@@ -146,6 +146,7 @@ def test_hf_export_round_trip_on_test_lines(trained, multi30k):
     """export --format hf with the run's evaluation -> transformers reloads it from disk and gives
     mtkit's greedy lines and logits on test_2016_flickr; import gives the original translations."""
     import gzip
+    import importlib.util
 
     transformers = pytest.importorskip("transformers", reason='pip install "mtkit[hf]"')
     import torch
@@ -184,6 +185,12 @@ def test_hf_export_round_trip_on_test_lines(trained, multi30k):
     real = tgt_in != PAD
     assert (a[real] - b[real]).abs().max().item() < 1e-4
 
+    if importlib.util.find_spec("ctranslate2") is not None:  # the same card beside a CTranslate2 model
+        mtkit("export", "-m", best, "--eval", "flickr=eval.json", "ct2", cwd=trained)
+        ct2_card = (trained / "ct2" / "README.md").read_text(encoding="utf-8")
+        ct2_meta = yaml.safe_load(ct2_card.split("---\n")[1])
+        assert ct2_meta["library_name"] == "ctranslate2" and ct2_meta["model-index"] == meta["model-index"]
+
     mtkit("import", "--format", "hf", "hf", "imported", cwd=trained)
     back = mtkit("translate", "-m", "imported", "--input", "test.de", cwd=trained).stdout
     assert back == mtkit("translate", "-m", best, "--input", "test.de", cwd=trained).stdout
@@ -196,6 +203,9 @@ def test_hf_export_round_trip_on_test_lines(trained, multi30k):
     (["evaluate", "--ref", "data/train.en"], "only one line\n",
      f"has 1 lines but data/train.en has {N_TRAIN}"),
     (["translate", "-m", "run"], "bad \udcff\n", "line 1: invalid UTF-8"),
+    (["export", "-m", "run", "--format", "onnx", "out"], None, "--format 'onnx': ctranslate2 or hf"),
+    (["export", "-m", "run", "--eval", "flickr", "out"], None, "NAME=FILE"),
+    (["import", "--format", "hf", "nowhere", "out"], None, "nowhere: not a transformers model directory"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(trained, args, stdin, needle):
     if stdin is not None:
