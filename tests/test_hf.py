@@ -376,3 +376,31 @@ def test_every_translator_puts_the_prefix_tag_first(tmp_path, one_thread):
         from mtkit.export import ct2_translate, export_ctranslate2
 
         assert ct2_translate(export_ctranslate2(ckpt, tmp_path / "ct2"), lines) == ours
+
+
+def test_tokenizer_vocab_gives_the_imported_ids(opus_mt, tmp_path):
+    """tokenizer.src_model + tgt_model + vocab (Marian's files, no import) prepare data with the
+    same ids, fingerprint and all, as the imported model's vocabulary; a bad vocab.json is one line."""
+    from mtkit.data.shards import PreparedData
+    from mtkit.data.vocab import Vocab
+    from mtkit.prepare import prepare
+
+    imported = Vocab.from_state(load_checkpoint(import_hf(opus_mt, tmp_path / "mt"))["vocab"])
+    write_text_pair(tmp_path, "train", synthetic_pairs(50, seed=16))
+    raw = {"data": {"dir": str(tmp_path), "splits": {"train": "train.{lang}", "valid": "train.{lang}"},
+                    "src_lang": "xx", "tgt_lang": "yy", "prepared_dir": str(tmp_path / "prepared")},
+           "tokenizer": {"src_model": str(opus_mt / "source.spm"), "tgt_model": str(opus_mt / "target.spm"),
+                         "vocab": str(opus_mt / "vocab.json"), "joint": False},
+           "model": {"share_embeddings": True}}
+    data = PreparedData(prepare(config_from_dict(raw)))
+    assert data.fingerprint == imported.fingerprint and data.vocab.shared_ids
+    src, _ = data.split("train")
+    assert src[0].tolist() == imported.encode_src([synthetic_pairs(50, seed=16)[0][0]])[0]
+    broken = tmp_path / "broken.json"
+    ids = json.loads((opus_mt / "vocab.json").read_text())
+    del ids["</s>"]
+    broken.write_text(json.dumps(ids))
+    raw["tokenizer"]["vocab"] = str(broken)
+    raw["data"]["prepared_dir"] = str(tmp_path / "prepared2")
+    with pytest.raises(UserError, match=r"broken.json \(tokenizer.vocab\): no '</s>' piece"):
+        prepare(config_from_dict(raw))

@@ -226,3 +226,30 @@ def test_one_model_per_side_keeps_two_vocabularies(work):
     raw["tokenizer"]["joint"] = True
     with pytest.raises(UserError, match="set tokenizer.joint: false"):
         config_from_dict(raw)
+
+
+def test_init_from_a_checkpoint_older_than_the_activation_keys(tmp_path):
+    """A checkpoint whose config predates model.activation / model.output_bias has their defaults:
+    it starts a relu run without a bias, and is refused for a swish one by name."""
+    from conftest import untrained_checkpoint
+    from mtkit.config import config_to_dict
+    from mtkit.model import Transformer
+    from mtkit.train import _init_weights
+
+    ckpt = untrained_checkpoint(tmp_path)
+    state = load_checkpoint(ckpt)
+    for key in ("activation", "output_bias"):
+        del state["config"]["model"][key]
+    torch.save(state, ckpt)
+    raw = config_to_dict(config_from_dict(state["config"]))
+    raw["train"]["init_from"] = str(ckpt)
+    cfg = config_from_dict(raw)
+    data = PreparedData(cfg.data.prepared_dir)
+    model = Transformer(cfg.model, data.vocab.src_size, data.vocab.tgt_size)
+    _init_weights(model, cfg, data)
+    key = "encoder.0.ffn.w1.weight"
+    assert torch.equal(model.state_dict()[key], state["model"][key])
+    raw["model"]["activation"] = "swish"
+    with pytest.raises(UserError, match=r"model.activation \('relu' there, 'swish' here\)"):
+        _init_weights(Transformer(config_from_dict(raw).model, data.vocab.src_size, data.vocab.tgt_size),
+                      config_from_dict(raw), data)

@@ -8,6 +8,7 @@ rank reads its own batches of a step, rank 0 validates and writes checkpoints an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from mtkit.checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
-from mtkit.config import RunConfig, config_to_dict, parse_duration, save_config
+from mtkit.config import ModelConfig, RunConfig, config_to_dict, parse_duration, save_config
 from mtkit.curves import plot_curves
 from mtkit.data.batching import collate, rank_batches, step_groups, token_batches
 from mtkit.data.shards import PreparedData, Selection, TokenArray
@@ -455,7 +456,10 @@ def _init_weights(model: Transformer, cfg: RunConfig, data: PreparedData) -> dic
     afresh); its model dimensions and vocabulary must be this run's."""
     path = resolve_model(cfg.train.init_from)
     ckpt = load_checkpoint(path)
-    theirs, ours = ckpt["config"].get("model", {}), config_to_dict(cfg)["model"]
+    # a key the checkpoint's config lacks (written before the key existed) has its default
+    defaults = dataclasses.asdict(ModelConfig())
+    theirs = {**defaults, **ckpt["config"].get("model", {})}
+    ours = config_to_dict(cfg)["model"]
     differ = [f"model.{k} ({theirs.get(k)!r} there, {ours[k]!r} here)" for k in STRUCTURE
               if theirs.get(k) != ours[k]]
     if differ:
