@@ -9,14 +9,15 @@ start, EOS 3).
 
 Their sinusoid table puts all sines before all cosines; mtkit's interleaves them (section 3.5),
 and transformers rebuilds its own table when it loads a model. The model dimension is therefore
-permuted on the way (`LAYOUT`): a permutation of d_model applied to every weight that reads or
-writes the residual stream computes the same function, since LayerNorm, attention and the tied
-output only ever see the stream as a whole. Import applies the inverse.
+permuted on the way (`layout`, `permute_stream`): a permutation of d_model applied to every weight
+that reads or writes the residual stream computes the same function, since LayerNorm, attention and
+the tied output only ever see the stream as a whole. Import applies the inverse.
 
 Import (`import_hf`): a MarianMTModel directory as OPUS-MT publishes them (source.spm,
 target.spm, vocab.json, post-norm, relu/swish/gelu, an output bias) becomes an mtkit checkpoint
 with model.activation and model.output_bias set and the vocab.json ids as the vocabulary's id
-map (mtkit's specials first; the decoder's start, Marian's <pad>, becomes BOS).
+map (mtkit's specials first; the decoder's start, Marian's <pad>, becomes BOS). A directory that
+mtkit exported comes back with its own vocabulary, fingerprint and all.
 
 `load_hf` / `to_transformers` + `hf_translate` translate lines with transformers' `generate`
 through mtkit's own line pipeline (mtkit.lines).
@@ -25,7 +26,6 @@ through mtkit's own line pipeline (mtkit.lines).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,6 @@ from mtkit.lines import Job, Translation, output_steps, source_limit, translate_
 from mtkit.model import Transformer
 from mtkit.search import Hypothesis
 from mtkit.translate import prefix_ids
-
-log = logging.getLogger("mtkit")
 
 INSTALL = 'pip install "mtkit[hf]"'
 VOCAB, TARGET_VOCAB = "vocab.json", "target_vocab.json"
