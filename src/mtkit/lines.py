@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mtkit.data.corpus import normalize
 from mtkit.data.vocab import Vocab
@@ -23,11 +23,13 @@ CUT_POINTS = re.compile(r"(?<=[.!?;:,。！？；])\s+")
 
 @dataclass
 class Translation:
-    """One input line's result: n-best (text, score) pairs, and its subwords for attention output."""
+    """One input line's result: n-best (text, score) pairs, and its subwords for attention output:
+    all of them, and per piece the line was translated in (`parts`: (source, output) subwords)."""
 
     nbest: list[tuple[str, float]]
     src_ids: list[int]
     tgt_ids: list[int]
+    parts: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
 
 def pieces(vocab: Vocab, text: str, ids: list[int], limit: int,
@@ -64,10 +66,12 @@ def join(vocab: Vocab, n_lines: int, sources: list[list[int]], owner: list[int],
         hyps, src_ids = shown[i], [t for j in js for t in sources[j]]
         decoded = [next(texts) for _ in hyps]
         if len(js) == 1:
-            out[i] = Translation(list(zip(decoded, [h.score for h in hyps])), src_ids, hyps[0].tokens)
+            out[i] = Translation(list(zip(decoded, [h.score for h in hyps])), src_ids, hyps[0].tokens,
+                                 [(sources[js[0]], hyps[0].tokens)])
         else:
             out[i] = Translation([(" ".join(decoded), sum(h.score for h in hyps))], src_ids,
-                                 [t for h in hyps for t in h.tokens])
+                                 [t for h in hyps for t in h.tokens],
+                                 [(sources[j], h.tokens) for j, h in zip(js, hyps)])
     return out
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from mtkit import inference
+from mtkit.attention import attention_maps, attention_record
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import DecodeConfig, RunConfig, config_from_dict
 from mtkit.data.batching import collate, pad, token_batches
 from mtkit.data.corpus import normalize
-from mtkit.data.vocab import BOS, EOS, PAD, Vocab
+from mtkit.data.vocab import EOS, PAD, Vocab
 from mtkit.device import Precision, decode_precision, pick_device
 from mtkit.errors import UserError
 from mtkit.inference.workers import WorkerPool, check_workers
@@ -165,22 +166,19 @@ class Translator:
             yield from self.run(chunk, nbest, first)
             first += len(chunk)
 
-    @torch.no_grad()
     def cross_attention(self, src_ids: list[int], tgt_ids: list[int], layer: int = -1,
                         head: int | None = None) -> torch.Tensor:
         """Encoder-decoder attention (T + 1, S + 1) of one translation (EOS on both sides):
         teacher-forced, of one decoder layer, averaged over heads unless `head` is given."""
-        src = torch.tensor([src_ids + [EOS]], device=self.device)
-        tgt_in = torch.tensor([[BOS] + tgt_ids], device=self.device)
-        module = self.model.decoder[layer].cross_attn
-        seen = {}
-        hook = module.register_forward_hook(lambda m, args, out: seen.update(w=m.weights(*args)))
-        try:
-            self.model(src, tgt_in)
-        finally:
-            hook.remove()
-        weights = seen["w"][0]  # (H, T + 1, S + 1)
-        return (weights.mean(0) if head is None else weights[head]).float().cpu()
+        weights = attention_maps(self.model, src_ids, tgt_ids)["cross"][layer]  # (H, T + 1, S + 1)
+        return weights.mean(0) if head is None else weights[head]
+
+    def attention(self, translation: Translation) -> list[dict]:
+        """Every attention weight (all layers and heads of the three kinds) of a translation, as
+        JSON records (`attention_record`), one per piece the line was translated in; none for an
+        empty line."""
+        return [attention_record(attention_maps(self.model, src, tgt), self.vocab.src_pieces_of(src),
+                                 self.vocab.tgt_pieces_of(tgt)) for src, tgt in translation.parts]
 
 
 @torch.no_grad()
