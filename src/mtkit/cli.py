@@ -436,6 +436,36 @@ def import_(source: Annotated[Path, typer.Argument(metavar="DIR", help=(
 
 @app.command()
 @_errors_to_exit
+def serve(model: ModelOpt = None,
+          host: Annotated[str, typer.Option("--host", help=(
+              "Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)."))
+                          ] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")
+                          ] = 8000,
+          device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+          max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help=(
+              "How long a request waits for others to share its batch."))] = 5.0,
+          max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help=(
+              "Source tokens x beam per batch (default: the model's decode.max_tokens)."))] = None,
+          max_lines: Annotated[int, typer.Option("--max-lines", min=1, help="Lines per request at most.")
+                               ] = 256,
+          max_body: Annotated[int, typer.Option("--max-body", min=1, help="Request body bytes at most.")
+                              ] = 1 << 20,
+          timeout: Annotated[float, typer.Option("--timeout", min=0.1, help=(
+              "Seconds a request may wait for its translation before a 503."))] = 60.0):
+    """Serve a model over HTTP (pip install "mtkit[serve]"): POST /v1/translate, GET /health,
+    GET /v1/models, OpenAPI docs at /docs, and at / a page that translates and shows the attention
+    of every layer and head."""
+    from mtkit.serve import ServeOptions, run
+
+    if model is None:
+        raise UserError("--model/-m is required: a checkpoint file or a run directory")
+    run(model, ServeOptions(host=host, port=port, device=device, max_wait_ms=max_wait_ms,
+                            max_tokens=max_tokens, max_lines=max_lines, max_body=max_body, timeout=timeout))
+
+
+@app.command()
+@_errors_to_exit
 def score(model: ModelOpt = None,
           src: Annotated[Optional[Path], typer.Option("--src", help=(
               "Source sentences, one per line, plain or .gz."))] = None,
