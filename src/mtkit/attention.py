@@ -5,6 +5,9 @@ alignments in Pharaoh format (`i-j`: source subword i, target subword j, both fr
 
 from __future__ import annotations
 
+import html
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -88,27 +91,141 @@ def pharaoh(pairs: list[tuple[int, int]]) -> str:
     return " ".join(f"{s}-{t}" for s, t in pairs)
 
 
-def save_heatmap(weights: torch.Tensor, src_pieces: list[str], tgt_pieces: list[str], path: Path,
-                 title: str = "") -> None:
-    """A heatmap of (T + 1, S + 1) attention with the subwords (and EOS) on the axes, as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+AXES = {"cross": ("output", "source"), "encoder": ("source", "source"),
+        "decoder": ("output (what it predicts)", "output (what it reads)")}
+"""The axis names of each kind's pictures: (rows, columns)."""
 
-    src_labels, tgt_labels = [*src_pieces, "</s>"], [*tgt_pieces, "</s>"]
-    width, height = 2 + 0.35 * len(src_labels), 1.5 + 0.3 * len(tgt_labels)
-    fig, ax = plt.subplots(figsize=(min(width, 40), min(height, 40)))
+_CELL = 0.3
+"""Inches per row or column of a small map; a large one shrinks to fit the caps below."""
+_MAP_SIDE = 16.0
+"""The most inches one map takes on either side (a grid shares 24 among its columns or rows)."""
+_GRID_SIDE = 24.0
+_GRID_COLUMNS = 4
+_MIN_FONT = 5.0
+
+
+def axis_labels(kind: str, src_pieces: list[str], tgt_pieces: list[str]) -> tuple[list[str], list[str]]:
+    """The row and column labels of a map of `kind` (see `attention_maps` for the axes)."""
+    source, output = [*src_pieces, "</s>"], [*tgt_pieces, "</s>"]
+    return {"cross": (output, source), "encoder": (source, source),
+            "decoder": (output, ["<s>", *tgt_pieces])}[kind]
+
+
+def _ticks(ax, labels: list[str], cell: float, axis: str) -> None:
+    """Label every row or column with a font that fits its cell; below a legible size, every k-th."""
+    font = cell * 72 * 0.8  # points: four fifths of the cell's height
+    step = 1 if font >= _MIN_FONT else -(-_MIN_FONT // font)
+    font = min(max(font, _MIN_FONT), 9.0)
+    shown = range(0, len(labels), int(step))
+    if axis == "x":
+        ax.set_xticks(shown, [labels[i] for i in shown], rotation=90, fontsize=font)
+    else:
+        ax.set_yticks(shown, [labels[i] for i in shown], fontsize=font)
+
+
+def attention_figure(weights: torch.Tensor, rows: list[str], cols: list[str], title: str = "",
+                     axes: tuple[str, str] = AXES["cross"], head_titles: list[str] | None = None):
+    """A matplotlib Figure of attention weights: one heatmap of a (rows, cols) map, or, for
+    (H, rows, cols), a grid of H heatmaps titled `head_titles` (default head 0 .. H - 1).
+
+    Colours run from 0 to the largest weight drawn (the map's own, or the grid's, shared by its
+    heads so that they compare), named on the colour bar: an averaged map is as visible as a sharp
+    one. A large map keeps its figure within a cap, with smaller labels (every k-th below 5 pt)."""
+    from matplotlib.figure import Figure
+
+    maps = weights[None] if weights.dim() == 2 else weights
+    n, n_rows, n_cols = maps.shape
+    grid = weights.dim() == 3
+    columns = min(n, _GRID_COLUMNS)
+    lines = -(-n // columns)
+    side = min(_MAP_SIDE, _GRID_SIDE / max(columns, lines)) if grid else _MAP_SIDE
+    cell = min(_CELL, side / max(n_rows, n_cols, 1))
+    font = min(max(cell * 72 * 0.8, _MIN_FONT), 9.0)
+    margin = 0.6 + 0.6 * font / 72 * max(map(len, rows + cols), default=1)  # inches for the tick labels
+    width = min(columns * (n_cols * cell + margin) + 1.2, 40.0)
+    height = min(lines * (n_rows * cell + margin + 0.3) + 0.8, 40.0)
+    fig = Figure(figsize=(max(width, 3.5), max(height, 3.0)), layout="constrained")
+    top = float(maps.max()) if maps.numel() else 0.0
+    top = top if top > 0 else 1.0
+    grid_axes = fig.subplots(lines, columns, squeeze=False).ravel()
+    image = None
+    for i, ax in enumerate(grid_axes):
+        if i >= n:
+            ax.remove()  # the unused places of the last row
+            continue
+        image = ax.imshow(maps[i].numpy(), cmap="viridis", vmin=0.0, vmax=top, aspect="auto",
+                          interpolation="nearest")
+        _ticks(ax, cols, cell, "x")
+        _ticks(ax, rows, cell, "y")
+        ax.set_xlabel(axes[1], fontsize=8)
+        ax.set_ylabel(axes[0], fontsize=8)
+        if grid:
+            ax.set_title(head_titles[i] if head_titles else f"head {i}", fontsize=9)
+    scale = "one scale for all heads" if grid and n > 1 else "this map's own scale"
+    bar = fig.colorbar(image, ax=[ax for ax in grid_axes[:n]], fraction=0.03 if not grid else 0.02)
+    bar.set_label(f"weight ({scale}: 0 to {top:.3g})", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    """`fig` as PNG at `path`, written whole (the previous picture stays if writing fails)."""
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+
+
+def save_heatmap(weights: torch.Tensor, src_pieces: list[str], tgt_pieces: list[str], path: Path,
+                 title: str = "", kind: str = "cross", head_titles: list[str] | None = None) -> None:
+    """A PNG heatmap of one map of `kind` (cross: (T + 1, S + 1)), or a grid of one per head for
+    (H, ...) weights, with the subwords (and EOS/BOS) on the axes (`attention_figure`)."""
+    rows, cols = axis_labels(kind, src_pieces, tgt_pieces)
+    save_figure(attention_figure(weights, rows, cols, title, AXES[kind], head_titles), path)
+
+
+VIEWER_FILES = ("viewer.css", "viewer.js")
+"""The offline viewer that an HTML page inlines, in mtkit/static."""
+DATA_ID = "mtkit-attention"
+"""The id of the page's JSON block: a list of {"line", "text", "records"} the viewer renders."""
+
+
+def viewer_assets() -> tuple[str, str] | None:
+    """The viewer's stylesheet and script (mtkit/static), or None where this installation lacks them."""
+    from importlib.resources import files
+
+    static = files("mtkit") / "static"
     try:
-        image = ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(len(src_labels)), src_labels, rotation=90, fontsize=8)
-        ax.set_yticks(range(len(tgt_labels)), tgt_labels, fontsize=8)
-        ax.set_xlabel("source")
-        ax.set_ylabel("output")
-        if title:
-            ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.03)
-        fig.tight_layout()
-        with atomic_file(path, "wb") as f:  # the picture whole or the previous one, never half of it
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+        return tuple((static / name).read_text(encoding="utf-8") for name in VIEWER_FILES)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _script_json(data) -> str:
+    """JSON that can stand inside a <script> element: no '<', '>' or '&' a parser could end it on
+    (escaped as \\u003c etc., which JSON reads back as the same characters)."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _raw_text(text: str, element: str) -> str:
+    """`text` fit to stand inside <style> or <script>: an end tag of `element` within it (in a
+    string or comment) gets a backslash, `<\\/script`, which CSS and JS read as the same text."""
+    return re.sub(f"</({element})", r"<\\/\1", text, flags=re.IGNORECASE)
+
+
+def attention_html(entries: list[dict], title: str, assets: tuple[str, str] | None = None) -> str:
+    """A self-contained page of attention `entries` ({"line", "text", "records"}): the viewer's
+    CSS and JS (`assets`, default mtkit/static's) and the entries as the JSON block it renders,
+    nothing loaded from elsewhere. Without the viewer files the page holds the data and says so."""
+    assets = assets if assets is not None else viewer_assets()
+    head = ['<meta charset="utf-8">', f"<title>{html.escape(title)}</title>"]
+    body = [f'<script type="application/json" id="{DATA_ID}">{_script_json(entries)}</script>']
+    if assets is None:
+        body.insert(0, "<p>This mtkit installation has no attention viewer (mtkit/static/viewer.js); "
+                       f"the weights are in the JSON block <code>#{DATA_ID}</code> of this page.</p>")
+    else:
+        css, js = assets
+        head.append("<style>\n" + _raw_text(css, "style") + "\n</style>")
+        body.append("<script>\n" + _raw_text(js, "script") + "\n</script>")
+    return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n' + "\n".join(head) + "\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")

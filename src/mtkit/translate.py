@@ -86,6 +86,7 @@ class Translator:
         self.workers = workers
         self.prefix = prefix_ids(vocab, decode.prefix)
         self._pool = WorkerPool(workers, self._search) if workers > 1 else None
+        self.languages: dict[str, str] = {}  # source and target language, when loaded from a checkpoint
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", quantize: str | None = None, workers: int = 1,
@@ -99,7 +100,9 @@ class Translator:
             raise UserError("--quantize int8 is for CPU decoding; on CUDA mtkit decodes in bf16 or fp16")
         backend = inference.install(model.to(dev), dev, quantize)
         decode = replace(cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
-        return cls(model, vocab, decode, dev, workers, backend=backend)
+        translator = cls(model, vocab, decode, dev, workers, backend=backend)
+        translator.languages = {"src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang}
+        return translator
 
     def __enter__(self) -> Translator:
         return self
