@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -98,10 +99,13 @@ AXES = {"cross": ("output", "source"), "encoder": ("source", "source"),
 _CELL = 0.3
 """Inches per row or column of a small map; a large one shrinks to fit the caps below."""
 _MAP_SIDE = 16.0
-"""The most inches one map takes on either side (a grid shares 24 among its columns or rows)."""
+"""The most inches one map takes on either side."""
 _GRID_SIDE = 24.0
+"""The most inches a grid of heads shares among its columns (or rows)."""
 _GRID_COLUMNS = 4
+"""Heads per row of a grid (the Annotated Transformer's figures)."""
 _MIN_FONT = 5.0
+"""The smallest label font, in points; rows or columns beyond what it fits are labelled every k-th."""
 
 
 def axis_labels(kind: str, src_pieces: list[str], tgt_pieces: list[str]) -> tuple[list[str], list[str]]:
@@ -117,10 +121,17 @@ def _ticks(ax, labels: list[str], cell: float, axis: str) -> None:
     step = 1 if font >= _MIN_FONT else -(-_MIN_FONT // font)
     font = min(max(font, _MIN_FONT), 9.0)
     shown = range(0, len(labels), int(step))
+    names = [_plain(labels[i]) for i in shown]
     if axis == "x":
-        ax.set_xticks(shown, [labels[i] for i in shown], rotation=90, fontsize=font)
+        ax.set_xticks(shown, names, rotation=90, fontsize=font, parse_math=False)
     else:
-        ax.set_yticks(shown, [labels[i] for i in shown], fontsize=font)
+        ax.set_yticks(shown, names, fontsize=font, parse_math=False)
+
+
+def _plain(text: str) -> str:
+    """`text` as a picture shows it: control characters spelled out (\\x08), the rest as is."""
+    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def attention_figure(weights: torch.Tensor, rows: list[str], cols: list[str], title: str = "",
@@ -144,7 +155,7 @@ def attention_figure(weights: torch.Tensor, rows: list[str], cols: list[str], ti
     margin = 0.6 + 0.6 * font / 72 * max(map(len, rows + cols), default=1)  # inches for the tick labels
     width = min(columns * (n_cols * cell + margin) + 1.2, 40.0)
     height = min(lines * (n_rows * cell + margin + 0.3) + 0.8, 40.0)
-    fig = Figure(figsize=(max(width, 3.5), max(height, 3.0)), layout="constrained")
+    fig = Figure(figsize=(max(width, 4.0), max(height, 4.0)), layout="constrained")
     top = float(maps.max()) if maps.numel() else 0.0
     top = top if top > 0 else 1.0
     grid_axes = fig.subplots(lines, columns, squeeze=False).ravel()
@@ -160,18 +171,20 @@ def attention_figure(weights: torch.Tensor, rows: list[str], cols: list[str], ti
         ax.set_xlabel(axes[1], fontsize=8)
         ax.set_ylabel(axes[0], fontsize=8)
         if grid:
-            ax.set_title(head_titles[i] if head_titles else f"head {i}", fontsize=9)
-    scale = "one scale for all heads" if grid and n > 1 else "this map's own scale"
+            ax.set_title(head_titles[i] if head_titles else f"head {i}", fontsize=9, parse_math=False)
+    scale = f"one scale for all heads, 0 to {top:.3g}" if grid else f"0 to this map's max, {top:.3g}"
     bar = fig.colorbar(image, ax=[ax for ax in grid_axes[:n]], fraction=0.03 if not grid else 0.02)
-    bar.set_label(f"weight ({scale}: 0 to {top:.3g})", fontsize=8)
+    bar.set_label(f"weight: {scale}", fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(_plain(title), fontsize=9, parse_math=False)
     return fig
 
 
 def save_figure(fig, path: Path) -> None:
     """`fig` as PNG at `path`, written whole (the previous picture stays if writing fails)."""
-    with atomic_file(path, "wb") as f:
+    with atomic_file(path, "wb") as f, warnings.catch_warnings():
+        # a subword in a script the font lacks shows as a box; one warning per picture says nothing more
+        warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
         fig.savefig(f, format="png", dpi=100)
 
 

@@ -189,16 +189,35 @@ def translate(model: ModelOpt = None,
                   "memory stays bounded on an endless pipe (1 when stdin is a terminal: each line is "
                   "answered as it is entered)."))] = 1000,
               attention: Annotated[Optional[Path], typer.Option("--attention", metavar="DIR", help=(
-                  "Write DIR/NNNNNN.png per line: encoder-decoder attention heatmap "
-                  "(subwords on the axes)."))] = None,
+                  "Write each line's attention into DIR (NNNNNN: the line number, from 1; an empty line "
+                  "gets nothing): png, DIR/NNNNNN.png, a heatmap with the subwords on the axes, coloured "
+                  "from 0 to its own largest weight; a line translated in pieces gets DIR/NNNNNN-K.png "
+                  "per piece K (from 1); --attention-kind all writes NNNNNN.cross.png, NNNNNN.encoder.png "
+                  "and NNNNNN.decoder.png. json and html: one file per line, every piece in it (see "
+                  "--attention-format)."))] = None,
+              attention_kind: Annotated[Optional[str], typer.Option(
+                  "--attention-kind", metavar="cross|encoder|decoder|all", help=(
+                      "What --attention draws: cross, the encoder-decoder attention (output x source; "
+                      "the default); encoder, the encoder's self-attention (source x source); decoder, "
+                      "the decoder's self-attention (output x <s> and output); all, a picture of "
+                      "each."))] = None,
+              attention_format: Annotated[Optional[str], typer.Option(
+                  "--attention-format", metavar="png|html|json", help=(
+                      "How --attention writes: png (default), pictures of --attention-kind, --layer and "
+                      "--head; json, DIR/NNNNNN.json per line, {\"line\", \"text\", \"records\"}: "
+                      "every weight of every kind, layer and head, a record per piece; html, "
+                      "DIR/NNNNNN.html per line, a self-contained page (its viewer and that JSON "
+                      "inlined) to open or share offline."))] = None,
               alignment: Annotated[Optional[Path], typer.Option("--alignment", metavar="FILE", help=(
-                  "Write the hard alignment (argmax of the attention) per line to FILE, Pharaoh format "
-                  "'src-tgt' over subwords."))] = None,
+                  "Write the hard alignment (argmax of the encoder-decoder attention of --layer and "
+                  "--head) per line to FILE, Pharaoh format 'src-tgt' over subwords; a line translated "
+                  "in pieces gets its pieces' alignments joined, numbered over the whole line."))] = None,
               layer: Annotated[int, typer.Option("--layer", help=(
-                  "Decoder layer for --attention/--alignment (-1: the last)."))] = -1,
-              head: Annotated[Optional[int], typer.Option("--head", min=0, help=(
-                  "One attention head for --attention/--alignment (default: the mean of all "
-                  "heads)."))] = None,
+                  "Layer for --attention/--alignment, from 0 (-1: the last)."))] = -1,
+              head: Annotated[Optional[str], typer.Option("--head", metavar="N|avg|all", help=(
+                  "Attention head for --attention/--alignment: N, one head, from 0; avg, the mean of "
+                  "the heads (the default); all, every head of the layer as a grid of pictures "
+                  "titled head 0, head 1, ... on one colour scale (--alignment: their mean)."))] = None,
               errors: Annotated[str, typer.Option("--errors", metavar="strict|replace", help=(
                   "Invalid UTF-8 in the input: strict stops with the line number; replace translates "
                   "it with U+FFFD and warns."))] = "strict",
@@ -231,12 +250,22 @@ def translate(model: ModelOpt = None,
     Back-translation by sampling: mtkit translate -m MODEL --sample --seed 1 < mono.txt
     """
     from mtkit.data.corpus import stream_lines
-    from mtkit.outputs import Outputs, translate_to
+    from mtkit.outputs import Outputs, parse_head, translate_to
 
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors {errors!r}: expected strict or replace")
     if quantize not in (None, "int8"):
         raise UserError(f"--quantize {quantize!r}: only int8 is supported")
+    if attention is None:
+        for name, value in (("--attention-kind", attention_kind), ("--attention-format", attention_format)):
+            if value is not None:
+                raise UserError(f"{name} {value}: goes with --attention DIR, which is not given")
+    outputs = Outputs(output, nbest, window, attention, alignment, layer, parse_head(head),
+                      attention_kind or "cross", attention_format or "png")
+    outputs.check()  # a misspelt option stops here, before the model loads
+    if attention_kind is not None and outputs.attention_format != "png":
+        log.warning("--attention-kind %s: the %s files hold every kind", attention_kind,
+                    outputs.attention_format)
     if (input is None or str(input) == "-") and sys.stdin.isatty():
         window = 1  # a person typing: answer each line as it is entered (fairseq-interactive does)
         log.info("translating each line as it is entered; Ctrl-D ends")
@@ -261,12 +290,8 @@ def translate(model: ModelOpt = None,
             raise UserError(f"{', '.join(sampling_options)}: options of sampling; add --sample")
         elif nbest > translator.decode.beam_size:
             raise UserError(f"--nbest {nbest} exceeds the beam size {translator.decode.beam_size}")
-        n_layers = len(translator.model.decoder)
-        if not -n_layers <= layer < n_layers:
-            raise UserError(f"--layer {layer}: the model has {n_layers} decoder layers")
-        if head is not None and head >= translator.model.cfg.n_heads:
-            raise UserError(f"--head {head}: the model has {translator.model.cfg.n_heads} heads")
-        translate_to(translator, lines, Outputs(output, nbest, window, attention, alignment, layer, head))
+        outputs.check(translator.model)
+        translate_to(translator, lines, outputs)
 
 
 @app.command()

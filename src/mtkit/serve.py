@@ -17,6 +17,7 @@ Endpoints: POST /v1/translate, GET /health, GET /v1/models, OpenAPI docs at /doc
 import asyncio
 import json
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -374,6 +375,15 @@ def run(model: str | Path, opts: ServeOptions) -> None:
     from mtkit.checkpoint import resolve_model
 
     resolve_model(model)  # a missing model is one error line now, not a server that never gets ready
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn raises a caught signal again once it has shut down; SIGTERM asks for a stop
+            # once the requests in flight are answered, which is then done: exit 0, not -15
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
+                captured.remove(sig)
+
     config = uvicorn.Config(create_app(model, opts), host=opts.host, port=opts.port, log_level="info",
                             timeout_graceful_shutdown=max(opts.timeout, 1.0))
-    uvicorn.Server(config).run()
+    Server(config).run()
