@@ -146,7 +146,7 @@ def test_pharaoh_format():
     assert pharaoh(hard_alignment(weights)) == "1-0 0-1"
 
 
-def test_a_line_translated_in_pieces_gets_an_empty_alignment_line(checkpoint, tmp_path):
+def test_a_line_translated_in_pieces_gets_its_pieces_alignments_joined(checkpoint, tmp_path):
     from mtkit.outputs import Outputs, translate_to
 
     translator = Translator.load(checkpoint, "cpu")
@@ -154,7 +154,10 @@ def test_a_line_translated_in_pieces_gets_an_empty_alignment_line(checkpoint, tm
     n = translate_to(translator, ["the dog", long_line, "a cat"],
                      Outputs(output=tmp_path / "out.txt", alignment=tmp_path / "align.txt"))
     align = (tmp_path / "align.txt").read_text().split("\n")
-    assert n == 3 and len(align) == 4 and align[1] == "" and align[0] and align[2]
+    assert n == 3 and len(align) == 4 and align[0] and align[1] and align[2]
+    result = translator.run([long_line])[0]
+    assert len(result.parts) > 1
+    assert [int(p.split("-")[1]) for p in align[1].split()] == list(range(len(result.tgt_ids)))
     assert len((tmp_path / "out.txt").read_text().split("\n")) == 4
 
 

@@ -1,6 +1,7 @@
 """Where each output subword looked: every attention weight of a translation (`attention_maps`:
 encoder self-attention, decoder self-attention and encoder-decoder attention, all layers and heads),
-their JSON form (`attention_record`, what the server and the viewer read), PNG heatmaps, and hard
+their JSON form (`attention_record`, what the server and the viewer read), PNG heatmaps (one map, or
+a grid of every head), self-contained HTML pages that inline the viewer (`attention_html`), and hard
 alignments in Pharaoh format (`i-j`: source subword i, target subword j, both from 0)."""
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def translate(model: ModelOpt = None,
               attention: Annotated[Optional[Path], typer.Option("--attention", metavar="DIR", help=(
                   "Write each line's attention into DIR (NNNNNN: the line number, from 1; an empty line "
                   "gets nothing): png, DIR/NNNNNN.png, a heatmap with the subwords on the axes, coloured "
-                  "from 0 to its own largest weight; a line translated in pieces gets DIR/NNNNNN-K.png "
+                  "from 0 to its largest weight; a line translated in pieces gets DIR/NNNNNN-K.png "
                   "per piece K (from 1); --attention-kind all writes NNNNNN.cross.png, NNNNNN.encoder.png "
                   "and NNNNNN.decoder.png. json and html: one file per line, every piece in it (see "
                   "--attention-format)."))] = None,

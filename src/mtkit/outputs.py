@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO, Union
+from typing import TextIO
 
 import torch
 
@@ -40,7 +40,7 @@ ATTENTION_KINDS = (*KINDS, "all")
 ATTENTION_FORMATS = ("png", "html", "json")
 """How --attention writes: heatmaps, a self-contained page per line, or every weight as JSON."""
 
-Head = Union[int, str, None]
+Head = int | str | None
 """One head (from 0), None for the mean of the heads, or "all" for a grid of every head."""
 
 
@@ -125,29 +125,32 @@ def _of_head(weights: torch.Tensor, head: Head) -> torch.Tensor:
 
 
 def _shorten(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters, an ellipsis last where it was cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def write_attention(translator: Translator, n: int, result: Translation, parts: list[dict],
+def write_attention(translator: Translator, n: int, result: Translation, maps_of_pieces: list[dict],
                     out: Outputs) -> None:
-    """The attention files of line `n` (see the module's docstring) from `parts`, each piece's
-    `attention_maps`; every file is written whole."""
+    """The attention files of line `n` (see the module's docstring), translated as `result`, from
+    `maps_of_pieces`, the `attention_maps` of each of its pieces; every file is written whole."""
     directory, text = out.attention_dir, result.nbest[0][0]
     vocab = translator.vocab
     labels = [(vocab.src_pieces_of(src), vocab.tgt_pieces_of(tgt)) for src, tgt in result.parts]
     if out.attention_format != "png":
         # Translator.attention's records, from the maps already computed for this line
         entry = {"line": n, "text": text,
-                 "records": [attention_record(maps, *names) for maps, names in zip(parts, labels)]}
+                 "records": [attention_record(maps, *names) for maps, names in zip(maps_of_pieces, labels)]}
         if out.attention_format == "json":
-            write_text(directory / f"{n:06d}.json", json.dumps(entry, ensure_ascii=False) + "\n")
+            write_text(directory / f"{n:06d}.json",
+                       json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n")
         else:
             write_text(directory / f"{n:06d}.html", attention_html([entry], f"mtkit attention: line {n}"))
         return
     kinds = KINDS if out.attention_kind == "all" else (out.attention_kind,)
-    outputs = vocab.decode_tgt([tgt for _, tgt in result.parts]) if len(parts) > 1 else [text]
-    for k, (maps, names, said) in enumerate(zip(parts, labels, outputs), 1):
-        stem, where = (f"{n:06d}", f"line {n}") if len(parts) == 1 else (f"{n:06d}-{k}", f"line {n}.{k}")
+    whole = len(maps_of_pieces) == 1
+    outputs = [text] if whole else vocab.decode_tgt([tgt for _, tgt in result.parts])
+    for k, (maps, names, said) in enumerate(zip(maps_of_pieces, labels, outputs), 1):
+        stem, where = (f"{n:06d}", f"line {n}") if whole else (f"{n:06d}-{k}", f"line {n}.{k}")
         for kind in kinds:
             layers, heads = maps[kind].shape[:2]
             what = {None: f"mean of {heads} heads", "all": f"{heads} heads"}.get(out.head, f"head {out.head}")
@@ -177,6 +180,9 @@ def translate_to(translator: Translator, lines: Iterable[str], out: Outputs) -> 
             if align is not None:
                 head = None if out.head == "all" else out.head  # a grid of heads aligns by their mean
                 pairs = [hard_alignment(_of_head(maps["cross"][out.layer], head)) for maps in parts]
+                # Sound over the whole line: a piece's output attends to its own source only, the pieces
+                # are cut at spaces or between subwords (their subwords, in order, are the line's) and
+                # the line's output is theirs in order
                 lengths = [(len(src), len(tgt)) for src, tgt in result.parts]
                 align.write(pharaoh(joined_alignment(pairs, lengths, len(translator.prefix))) + "\n")
             if out.attention_dir is not None and parts:

@@ -26,7 +26,8 @@
  * Options (all optional): kind "cross" | "encoder" | "decoder" (default "cross"); layer, from 0,
  * negative counting from the last (default -1); view "grid" (every head of the layer) | "head"
  * (one head, large) | "mean" (the average of the heads), default "grid"; head, from 0 (for
- * "head"); piece, from 0; title, source, target: the heading and the sentence pair shown above.
+ * "head"); piece, from 0; title, source, target: the heading and the sentence pair shown above;
+ * onChange(state): called with {piece, kind, layer, view, head} after each drawing.
  */
 (function () {
   "use strict";
@@ -172,8 +173,10 @@
       ctx.strokeRect(left - 0.5, top - 0.5, this.cols.length * cell + 1, this.rows.length * cell + 1);
       ctx.strokeStyle = ACCENT;
       ctx.lineWidth = 1.5;
-      if (focus && focus.row !== null) ctx.strokeRect(left, top + focus.row * cell, this.cols.length * cell, cell);
-      if (focus && focus.col !== null) ctx.strokeRect(left + focus.col * cell, top, cell, this.rows.length * cell);
+      const across = this.cols.length * cell;
+      const down = this.rows.length * cell;
+      if (focus && focus.row !== null) ctx.strokeRect(left, top + focus.row * cell, across, cell);
+      if (focus && focus.col !== null) ctx.strokeRect(left + focus.col * cell, top, cell, down);
       if (pointed && focus && focus.row !== null && focus.col !== null) {
         ctx.lineWidth = 2.5;
         ctx.strokeRect(left + focus.col * cell, top + focus.row * cell, cell, cell);
@@ -203,7 +206,7 @@
     figure() {
       const bar = el("span", {className: "bar"});
       bar.style.background = GRADIENT;
-      const legend = el("div", {className: "legend", title: "colours run from 0 to this map's largest weight"},
+      const legend = el("div", {className: "legend", title: "colours from 0 to this map's largest weight"},
                         [el("span", {textContent: "0"}), bar, el("span", {textContent: short(this.max)})]);
       return el("figure", {}, [el("figcaption", {textContent: this.caption}), this.canvas, legend]);
     }
@@ -213,7 +216,8 @@
       const k = KINDS[this.kind];
       const {rows, cols, matrix} = this;
       if (hit.row !== null && hit.col !== null) {
-        return `${this.caption}: ${rows[hit.row]} \u2192 ${cols[hit.col]}  ${matrix[hit.row][hit.col].toFixed(4)}` +
+        const weight = matrix[hit.row][hit.col].toFixed(4);
+        return `${this.caption}: ${rows[hit.row]} \u2192 ${cols[hit.col]}  ${weight}` +
                `   (this map's scale: 0 to ${this.max.toFixed(4)})`;
       }
       if (hit.row !== null) {
@@ -253,7 +257,8 @@
   }
 
   function select(label, choices, value, onChange) {
-    const box = el("select", {}, choices.map(([v, text]) => el("option", {value: String(v), textContent: text})));
+    const options = choices.map(([v, text]) => el("option", {value: String(v), textContent: text}));
+    const box = el("select", {}, options);
     box.value = String(value);
     box.addEventListener("change", () => onChange(box.value));
     return {label: el("label", {}, [label, box]), box};
@@ -265,14 +270,16 @@
   function render(container, records, options) {
     const opts = Object.assign({}, options);
     const state = {piece: 0, kind: "cross", layer: -1, view: "grid", head: 0};
-    for (const key of Object.keys(state)) if (opts[key] !== undefined && opts[key] !== null) state[key] = opts[key];
+    for (const key of Object.keys(state)) {
+      if (opts[key] !== undefined && opts[key] !== null) state[key] = opts[key];
+    }
     if (resizers.has(container)) resizers.get(container).disconnect();
     container.classList.add("mtkit-viewer");
     container.replaceChildren(el("h2", {textContent: opts.title || "Attention"}));
     const controller = {state: () => Object.assign({}, state), set: () => {}, element: container};
     if (!Array.isArray(records) || records.length === 0) {
-      container.append(el("p", {className: "empty", textContent: records ? "The line is empty: nothing to show."
-        : "No attention was sent for this line."}));
+      const why = records ? "The line is empty: nothing to show." : "No attention was sent for this line.";
+      container.append(el("p", {className: "empty", textContent: why}));
       return controller;
     }
     const pair = el("div", {className: "pair"});
@@ -346,10 +353,12 @@
         chosen = [{matrix: heads[state.head], head: state.head,
                    caption: `layer ${state.layer + 1}, head ${state.head + 1}`}];
       } else {
-        const mean = rows.map((_, i) => cols.map((_, j) => heads.reduce((s, m) => s + m[i][j], 0) / heads.length));
-        chosen = [{matrix: mean, head: "mean", caption: `layer ${state.layer + 1}, average of ${heads.length} heads`}];
+        const n = heads.length;
+        const mean = rows.map((_, i) => cols.map((_, j) => heads.reduce((s, m) => s + m[i][j], 0) / n));
+        chosen = [{matrix: mean, head: "mean", caption: `layer ${state.layer + 1}, average of ${n} heads`}];
       }
-      const size = sizes(state.view, chosen.length, rows, cols, mapsBox.clientWidth || container.clientWidth || 1000);
+      const width = mapsBox.clientWidth || container.clientWidth || 1000;
+      const size = sizes(state.view, chosen.length, rows, cols, width);
       focus = null;
       maps = chosen.map((c) => new Heatmap(Object.assign(c, size, {rows, cols, kind: state.kind,
                                                                    layer: state.layer, onPoint: point})));
@@ -435,7 +444,8 @@
     const list = el("ol", {className: "translations"});
     if (!document.getElementById("translations")) list.id = "translations";
     const viewerBox = el("section", {className: "mtkit-viewer"});
-    container.replaceChildren(el("h2", {className: "mtkit-heading", textContent: "Translation"}), list, viewerBox);
+    const heading = el("h2", {className: "mtkit-heading", textContent: "Translation"});
+    container.replaceChildren(heading, list, viewerBox);
     return showLines(list, viewerBox, lines, options);
   }
 
@@ -467,19 +477,30 @@
       return `HTTP ${response.status} ${response.statusText}`.trim();
     }
 
-    fetch("/v1/models").then(async (response) => {
-      const data = await response.json().catch(() => null);
-      if (!response.ok || !data || !Array.isArray(data.models) || !data.models.length) {
-        throw new Error(data ? problem(response, data) : `HTTP ${response.status}`);
+    async function describeModel(tries) {
+      try {
+        const response = await fetch("/v1/models");
+        const data = await response.json().catch(() => null);
+        // 503 while the server still loads the model: ask again in a second
+        if (response.status === 503 && tries > 1) {
+          modelName.textContent = "model: loading\u2026";
+          setTimeout(() => describeModel(tries - 1), 1000);
+          return;
+        }
+        if (!response.ok || !data || !Array.isArray(data.models) || !data.models.length) {
+          throw new Error(data ? problem(response, data) : `HTTP ${response.status}`);
+        }
+        const m = data.models[0];
+        modelName.textContent = `model: ${m.name} (${m.src_lang} \u2192 ${m.tgt_lang}, ${m.layers} layers ` +
+                                `\u00d7 ${m.heads} heads, beam ${m.beam})`;
+        if (!beam.value && m.beam) beam.value = String(m.beam);
+      } catch (err) {
+        modelName.textContent = "model: unknown";
+        if (!status.textContent) say(`Cannot read the model's description (/v1/models): ${err.message}`,
+                                     "error");
       }
-      const m = data.models[0];
-      modelName.textContent = `model: ${m.name} (${m.src_lang} \u2192 ${m.tgt_lang}, ${m.layers} layers \u00d7 ` +
-                              `${m.heads} heads, beam ${m.beam})`;
-      if (!beam.value && m.beam) beam.value = String(m.beam);
-    }).catch((err) => {
-      modelName.textContent = "model: unknown";
-      if (!status.textContent) say(`Cannot read the model's description (/v1/models): ${err.message}`, "error");
-    });
+    }
+    describeModel(120);
 
     async function submit() {
       let text = source.value.replace(/\r\n?/g, "\n");
@@ -554,8 +575,8 @@
         lines = JSON.parse(block.textContent);
         if (!Array.isArray(lines)) throw new Error("not an array of lines");
       } catch (err) {
-        root.replaceChildren(el("p", {className: "status error",
-                                      textContent: `Error: the attention data cannot be read (${err.message})`}));
+        const message = `Error: the attention data cannot be read (${err.message})`;
+        root.replaceChildren(el("p", {className: "status error", textContent: message}));
         return;
       }
       renderLines(root, lines, {});
