@@ -232,7 +232,8 @@ def attention_html(entries: list[dict], title: str, assets: tuple[str, str] | No
     CSS and JS (`assets`, default mtkit/static's) and the entries as the JSON block it renders,
     nothing loaded from elsewhere. Without the viewer files the page holds the data and says so."""
     assets = assets if assets is not None else viewer_assets()
-    head = ['<meta charset="utf-8">', f"<title>{html.escape(title)}</title>"]
+    head = ['<meta charset="utf-8">', '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{html.escape(title)}</title>"]
     body = [f'<script type="application/json" id="{DATA_ID}">{_script_json(entries)}</script>']
     if assets is None:
         body.insert(0, "<p>This mtkit installation has no attention viewer (mtkit/static/viewer.js); "

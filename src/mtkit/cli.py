@@ -256,6 +256,9 @@ def translate(model: ModelOpt = None,
         raise UserError(f"--errors {errors!r}: expected strict or replace")
     if quantize not in (None, "int8"):
         raise UserError(f"--quantize {quantize!r}: only int8 is supported")
+    if (input is None or str(input) == "-") and sys.stdin.isatty():
+        window = 1  # a person typing: answer each line as it is entered (fairseq-interactive does)
+        log.info("translating each line as it is entered; Ctrl-D ends")
     if attention is None:
         for name, value in (("--attention-kind", attention_kind), ("--attention-format", attention_format)):
             if value is not None:
@@ -266,9 +269,6 @@ def translate(model: ModelOpt = None,
     if attention_kind is not None and outputs.attention_format != "png":
         log.warning("--attention-kind %s: the %s files hold every kind", attention_kind,
                     outputs.attention_format)
-    if (input is None or str(input) == "-") and sys.stdin.isatty():
-        window = 1  # a person typing: answer each line as it is entered (fairseq-interactive does)
-        log.info("translating each line as it is entered; Ctrl-D ends")
     lines = stream_lines(input, errors)
     with _load_translator(model, beam, length_penalty, greedy, max_tokens, device, quantize, early_exit,
                           workers, stopping, sample=sample, top_k=top_k, top_p=top_p,
