@@ -469,7 +469,8 @@ def serve(model: ModelOpt = None,
                           ] = 8000,
           device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
           max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help=(
-              "How long a request waits for others to share its batch."))] = 5.0,
+              "How long a request waits at most for others to share its batch (less once as many "
+              "requests wait as the last batch had)."))] = 50.0,
           max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help=(
               "Source tokens x beam per batch (default: the model's decode.max_tokens)."))] = None,
           max_lines: Annotated[int, typer.Option("--max-lines", min=1, help="Lines per request at most.")

@@ -1,7 +1,8 @@
 """`mtkit serve`: a model over HTTP (FastAPI on uvicorn), with dynamic batching.
 
 Requests that arrive close together share one decoding batch: a request's lines wait at most
-`max_wait_ms` for others (and no longer once the waiting lines fill a batch), then all waiting lines
+`max_wait_ms` for others (and no longer once as many requests wait as the last batch had, or their
+lines fill a batch), then all waiting lines
 go through `Translator.run` together, which sorts them by length into token-budget batches as
 `mtkit translate` does. Decoding runs in one worker thread, off the event loop, so `/health` and
 new requests are answered while a batch decodes. A request whose client has gone, or that timed
@@ -41,8 +42,9 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
-    max_wait_ms: float = 5.0
-    """How long a request's lines wait for others to share their batch."""
+    max_wait_ms: float = 50.0
+    """How long a request's lines wait at most for others to share their batch (less when as many
+    requests wait as the last batch had)."""
     max_tokens: int | None = None
     """Source tokens x beam per decoding batch (default: the model's decode.max_tokens)."""
     max_lines: int = 256
@@ -129,6 +131,8 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mtkit-decode")
         self.task: asyncio.Task | None = None
         self.counts = {"requests": 0, "batches": 0, "dropped": 0}  # reported by /health
+        self.expect = 1  # requests to wait for: the last batch's and those that came meanwhile
+        self.arrived = 0  # requests that came while a batch decoded
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -144,6 +148,7 @@ class Batcher:
 
     async def submit(self, request: Request) -> None:
         self.counts["requests"] += 1
+        self.arrived += 1
         await self.queue.put(request)
 
     async def _loop(self) -> None:
@@ -152,24 +157,32 @@ class Batcher:
             batch = [await self.queue.get()]
             deadline = loop.time() + self.max_wait
             words = batch[0].words
-            while words < self.max_words:  # wait a little for others to share the batch
-                remaining = deadline - loop.time()
-                if remaining <= 0 and self.queue.empty():
-                    break
-                try:
-                    request = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
-                        self.queue.get(), remaining)
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
-                    break
+            # Wait for others to share the batch, up to max_wait, and no longer once as many requests
+            # wait as the last batch had plus those that came while it decoded: under steady load those
+            # clients come back together, and a batch of the few that came back late would cost nearly
+            # a full one (and two alternating half batches, half the throughput).
+            while words < self.max_words:
+                if self.queue.empty():  # take all that wait; wait for more only as said above
+                    remaining = deadline - loop.time()
+                    if len(batch) >= self.expect or remaining <= 0:
+                        break
+                    try:
+                        request = await asyncio.wait_for(self.queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    request = self.queue.get_nowait()
                 batch.append(request)
                 words += request.words
             live = [r for r in batch if not r.cancelled and not r.future.done()]
             self.counts["dropped"] += len(batch) - len(live)
             if not live:
                 continue
+            self.arrived = 0
             self.counts["batches"] += 1
             try:
                 results = await loop.run_in_executor(self.executor, self._decode, live)
+                self.expect = len(live) + self.arrived
             except Exception as exc:  # one bad batch must not stop the server
                 log.exception("decoding failed")
                 for r in live:
