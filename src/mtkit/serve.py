@@ -398,5 +398,5 @@ def run(model: str | Path, opts: ServeOptions) -> None:
                 captured.remove(sig)
 
     config = uvicorn.Config(create_app(model, opts), host=opts.host, port=opts.port, log_level="info",
-                            timeout_graceful_shutdown=max(opts.timeout, 1.0))
+                            access_log=False, timeout_graceful_shutdown=max(opts.timeout, 1.0))
     Server(config).run()
