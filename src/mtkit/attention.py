@@ -59,6 +59,19 @@ def attention_maps(model, src_ids: list[int], tgt_ids: list[int]) -> dict[str, t
     return {kind: torch.stack(ws).float().cpu() for kind, ws in maps.items()}
 
 
+def _labels(src_pieces: list[str], tgt_pieces: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """The axes' subwords: the source and </s>; the output and </s> (what each decoder position
+    predicts); <s> and the output (what each decoder position reads)."""
+    return [*src_pieces, "</s>"], [*tgt_pieces, "</s>"], ["<s>", *tgt_pieces]
+
+
+def heads_of(weights: torch.Tensor, head: int | str | None) -> torch.Tensor:
+    """(H, R, C) weights of one layer: head `head`'s map, their mean (None), or all of them ("all")."""
+    if head == "all":
+        return weights
+    return weights.mean(0) if head is None else weights[head]
+
+
 def attention_record(maps: dict[str, torch.Tensor], src_pieces: list[str], tgt_pieces: list[str],
                      digits: int = 4) -> dict:
     """The JSON form of `attention_maps` for one translation (or one piece of a line): the subwords
@@ -69,8 +82,9 @@ def attention_record(maps: dict[str, torch.Tensor], src_pieces: list[str], tgt_p
     decoder rows); target_inputs: <s> and the output subwords, what each decoder position reads
     (decoder columns)."""
     layers, heads = maps["cross"].shape[:2]
-    record = {"source_tokens": [*src_pieces, "</s>"], "target_tokens": [*tgt_pieces, "</s>"],
-              "target_inputs": ["<s>", *tgt_pieces], "layers": layers, "heads": heads}
+    source, output, inputs = _labels(src_pieces, tgt_pieces)
+    record = {"source_tokens": source, "target_tokens": output, "target_inputs": inputs,
+              "layers": layers, "heads": heads}
     for kind in KINDS:
         record[kind] = maps[kind].round(decimals=digits).tolist()
     return record
@@ -111,9 +125,8 @@ _MIN_FONT = 5.0
 
 def axis_labels(kind: str, src_pieces: list[str], tgt_pieces: list[str]) -> tuple[list[str], list[str]]:
     """The row and column labels of a map of `kind` (see `attention_maps` for the axes)."""
-    source, output = [*src_pieces, "</s>"], [*tgt_pieces, "</s>"]
-    return {"cross": (output, source), "encoder": (source, source),
-            "decoder": (output, ["<s>", *tgt_pieces])}[kind]
+    source, output, inputs = _labels(src_pieces, tgt_pieces)
+    return {"cross": (output, source), "encoder": (source, source), "decoder": (output, inputs)}[kind]
 
 
 def _ticks(ax, labels: list[str], cell: float, axis: str) -> None:

@@ -35,7 +35,7 @@ import torch
 from mtkit.checkpoint import MODEL_FILE, load_checkpoint, resolve_model, save_checkpoint
 from mtkit.config import DecodeConfig, ModelConfig, RunConfig, config_from_dict, config_to_dict, save_config
 from mtkit.data.batching import pad
-from mtkit.data.vocab import BOS, EOS, PAD, UNK, Vocab, marian_pieces
+from mtkit.data.vocab import BOS, EOS, PAD, SPECIAL_NAMES, Vocab, marian_pieces
 from mtkit.errors import UserError
 from mtkit.export import INFO, SOURCE_SPM, TARGET_SPM, check_out_dir, write_record
 from mtkit.io import atomic_dir
@@ -51,7 +51,6 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", SO
                 TARGET_VOCAB, "tokenizer_config.json", "special_tokens_map.json", "README.md", INFO)
 ACTIVATIONS = {"relu": "relu", "swish": "swish", "gelu": "gelu"}  # mtkit -> transformers (ACT2FN)
 IMPORTED_ACTIVATIONS = {"relu": "relu", "swish": "swish", "silu": "swish", "gelu": "gelu"}
-SPECIAL_PIECES = {PAD: "<pad>", UNK: "<unk>", BOS: "<s>", EOS: "</s>"}
 DIFFERENCES = [
     ("length penalty: transformers divides a finished beam's log-probability by length ** alpha, mtkit by "
      "((5 + length) / 6) ** alpha (Wu et al. 2016); the same alpha is passed to both, so beam outputs "
@@ -207,7 +206,7 @@ def convert(weights: dict, cfg: ModelConfig, src_vocab: int, tgt_vocab: int,
 
 def _vocab_json(pieces: list[str]) -> dict[str, int]:
     """{piece: mtkit id}, the specials under the names MarianTokenizer expects."""
-    names = [SPECIAL_PIECES.get(i, p) for i, p in enumerate(pieces)]
+    names = [*SPECIAL_NAMES, *pieces[len(SPECIAL_NAMES):]]
     if len(set(names)) < len(names):
         twice = sorted({p for p in names if names.count(p) > 1})
         raise UserError(f"vocabulary: pieces {twice[:3]} occur twice; a transformers tokenizer needs unique "

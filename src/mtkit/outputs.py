@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from mtkit.attention import (
     KINDS,
     attention_html,
     attention_maps,
-    attention_record,
     hard_alignment,
+    heads_of,
     pharaoh,
     save_heatmap,
 )
@@ -117,13 +115,6 @@ def joined_alignment(pairs: list[list[tuple[int, int]]], lengths: list[tuple[int
     return joined
 
 
-def _of_head(weights: torch.Tensor, head: Head) -> torch.Tensor:
-    """(H, R, C) weights of one layer: one head's map, the mean of the heads, or all of them."""
-    if head == "all":
-        return weights
-    return weights.mean(0) if head is None else weights[head]
-
-
 def _shorten(text: str, limit: int = 120) -> str:
     """`text` cut to `limit` characters, an ellipsis last where it was cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -137,9 +128,7 @@ def write_attention(translator: Translator, n: int, result: Translation, maps_of
     vocab = translator.vocab
     labels = [(vocab.src_pieces_of(src), vocab.tgt_pieces_of(tgt)) for src, tgt in result.parts]
     if out.attention_format != "png":
-        # Translator.attention's records, from the maps already computed for this line
-        entry = {"line": n, "text": text,
-                 "records": [attention_record(maps, *names) for maps, names in zip(maps_of_pieces, labels)]}
+        entry = {"line": n, "text": text, "records": translator.attention(result, maps_of_pieces)}
         if out.attention_format == "json":
             write_text(directory / f"{n:06d}.json",
                        json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n")
@@ -156,7 +145,7 @@ def write_attention(translator: Translator, n: int, result: Translation, maps_of
             what = {None: f"mean of {heads} heads", "all": f"{heads} heads"}.get(out.head, f"head {out.head}")
             title = f"{where}: {kind} attention, layer {out.layer % layers}, {what}\n{_shorten(said)}"
             name = f"{stem}.{kind}.png" if out.attention_kind == "all" else f"{stem}.png"
-            save_heatmap(_of_head(maps[kind][out.layer], out.head), *names, directory / name, title, kind)
+            save_heatmap(heads_of(maps[kind][out.layer], out.head), *names, directory / name, title, kind)
 
 
 def translate_to(translator: Translator, lines: Iterable[str], out: Outputs) -> int:
@@ -179,7 +168,7 @@ def translate_to(translator: Translator, lines: Iterable[str], out: Outputs) -> 
             parts = [attention_maps(translator.model, src, tgt) for src, tgt in result.parts]
             if align is not None:
                 head = None if out.head == "all" else out.head  # a grid of heads aligns by their mean
-                pairs = [hard_alignment(_of_head(maps["cross"][out.layer], head)) for maps in parts]
+                pairs = [hard_alignment(heads_of(maps["cross"][out.layer], head)) for maps in parts]
                 # Sound over the whole line: a piece's output attends to its own source only, the pieces
                 # are cut at spaces or between subwords (their subwords, in order, are the line's) and
                 # the line's output is theirs in order

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mtkit import inference
-from mtkit.attention import attention_maps, attention_record
+from mtkit.attention import attention_maps, attention_record, heads_of
 from mtkit.checkpoint import load_checkpoint, resolve_model
 from mtkit.config import DecodeConfig, RunConfig, config_from_dict
 from mtkit.data.batching import collate, pad, token_batches
@@ -173,15 +173,16 @@ class Translator:
                         head: int | None = None) -> torch.Tensor:
         """Encoder-decoder attention (T + 1, S + 1) of one translation (EOS on both sides):
         teacher-forced, of one decoder layer, averaged over heads unless `head` is given."""
-        weights = attention_maps(self.model, src_ids, tgt_ids)["cross"][layer]  # (H, T + 1, S + 1)
-        return weights.mean(0) if head is None else weights[head]
+        return heads_of(attention_maps(self.model, src_ids, tgt_ids)["cross"][layer], head)
 
-    def attention(self, translation: Translation) -> list[dict]:
+    def attention(self, translation: Translation, maps: list[dict] | None = None) -> list[dict]:
         """Every attention weight (all layers and heads of the three kinds) of a translation, as
-        JSON records (`attention_record`), one per piece the line was translated in; none for an
-        empty line."""
-        return [attention_record(attention_maps(self.model, src, tgt), self.vocab.src_pieces_of(src),
-                                 self.vocab.tgt_pieces_of(tgt)) for src, tgt in translation.parts]
+        JSON records (`attention_record`), one per piece the line was translated in (`maps`: their
+        `attention_maps`, when already computed); none for an empty line."""
+        if maps is None:
+            maps = [attention_maps(self.model, src, tgt) for src, tgt in translation.parts]
+        return [attention_record(m, self.vocab.src_pieces_of(src), self.vocab.tgt_pieces_of(tgt))
+                for m, (src, tgt) in zip(maps, translation.parts)]
 
 
 @torch.no_grad()

@@ -211,7 +211,7 @@ def marian_pieces(vocab: dict, source: str, specials: dict[str, str] | None = No
     """Marian's vocab.json ({piece: id}) as mtkit's id map: PAD, UNK, BOS, EOS first (named by
     `specials`: role -> piece; Marian has no BOS, mtkit's is "<s>"), then every other piece in
     Marian's id order. Duplicate ids or a missing <unk> / </s> are a UserError naming `source`."""
-    names = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", **(specials or {})}
+    names = {**dict(zip(("pad", "unk", "bos", "eos"), SPECIAL_NAMES)), **(specials or {})}
     if not isinstance(vocab, dict) or not all(type(v) is int for v in vocab.values()):
         raise UserError(f"{source}: not a vocabulary ({{piece: id}} JSON object)")
     if len(set(vocab.values())) < len(vocab):
