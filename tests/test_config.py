@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from mtkit.config import RunConfig, config_to_dict, load_config, save_config
+from mtkit.config import RunConfig, config_from_dict, config_to_dict, load_config, save_config
 from mtkit.errors import UserError
 
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -109,3 +109,11 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL), ["model.d_model=64", "model.n_heads=4"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_zero_heads_is_an_error_line_not_a_division_by_zero():
+    raw = config_to_dict(RunConfig())
+    raw["data"]["splits"] = {"train": "train.{lang}", "valid": "valid.{lang}"}
+    raw["model"]["n_heads"] = 0
+    with pytest.raises(UserError, match=r"model.n_heads must be >= 1, got 0"):
+        config_from_dict(raw)

@@ -401,7 +401,7 @@ def _check(cfg: RunConfig) -> list[str]:
     """Constraints between fields that types alone do not catch."""
     problems = []
     m, t, d = cfg.model, cfg.train, cfg.data
-    if m.d_model % m.n_heads:
+    if isinstance(m.n_heads, int) and m.n_heads >= 1 and m.d_model % m.n_heads:  # < 1: said below
         problems.append(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     tok = cfg.tokenizer
     if m.share_embeddings and not (tok.joint or tok.vocab or tok.from_model):
