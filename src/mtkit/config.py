@@ -137,6 +137,12 @@ class TokenizerConfig:
     """With model or src_model + tgt_model: a JSON file {piece: id} (Marian's vocab.json) whose ids
     both sides share, so that embeddings may be shared with two SentencePiece models; its <pad>,
     <unk>, </s> (and <s>) become mtkit's special ids, the other pieces follow in its id order."""
+    sampling_alpha: float | None = None
+    """Subword regularisation in training: every time a batch is built, its sentences (both sides) are
+    segmented anew at random by SentencePiece's sampling, with this alpha: the probability of dropping
+    a merge for bpe (BPE-dropout), the smoothing of the segmentation distribution for unigram (Kudo,
+    2018); in (0, 1). Validation and translation keep the one best segmentation; the prepared data is
+    the same. None: no sampling."""
 
 
 @dataclass
@@ -429,6 +435,9 @@ def _check(cfg: RunConfig) -> list[str]:
                        ("tokenizer.character_coverage", cfg.tokenizer.character_coverage)]:
         if isinstance(value, float) and not (math.isfinite(value) and value > 0):
             problems.append(f"{key} must be a positive number, got {value}")
+    alpha = cfg.tokenizer.sampling_alpha
+    if isinstance(alpha, float) and not (math.isfinite(alpha) and 0 < alpha < 1):
+        problems.append(f"tokenizer.sampling_alpha must be in (0, 1) or null, got {alpha}")
     if isinstance(cfg.tokenizer.character_coverage, float) and cfg.tokenizer.character_coverage > 1:
         problems.append(f"tokenizer.character_coverage must be at most 1, "
                         f"got {cfg.tokenizer.character_coverage}")

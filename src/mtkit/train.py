@@ -40,7 +40,7 @@ from mtkit.checkpoint import (
 )
 from mtkit.config import ModelConfig, RunConfig, config_to_dict, parse_duration, save_config
 from mtkit.curves import plot_curves
-from mtkit.data.batching import collate, rank_batches, step_groups, token_batches
+from mtkit.data.batching import Resegment, collate, rank_batches, step_groups, token_batches
 from mtkit.data.shards import PreparedData, Selection, TokenArray
 from mtkit.data.vocab import PAD, Vocab
 from mtkit.device import Precision, choose_precision, describe, versions
@@ -142,31 +142,32 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class _Pairs(Dataset):
-    def __init__(self, src: TokenArray | Selection, tgt: TokenArray | Selection):
-        self.src, self.tgt = src, tgt
+    def __init__(self, src: TokenArray | Selection, tgt: TokenArray | Selection, indexed: bool = False):
+        self.src, self.tgt, self.indexed = src, tgt, indexed
 
     def __len__(self) -> int:
         return len(self.src)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.src[i], self.tgt[i]
+    def __getitem__(self, i: int) -> tuple:
+        return (i, self.src[i], self.tgt[i]) if self.indexed else (self.src[i], self.tgt[i])
 
 
 def _collate_pairs(items: list) -> dict[str, torch.Tensor]:
     return collate([s for s, _ in items], [t for _, t in items])
 
 
-def _loader(src: TokenArray, tgt: TokenArray, batches: Iterator[np.ndarray],
-            device: torch.device) -> DataLoader:
-    """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA.
+def _loader(src: TokenArray, tgt: TokenArray, batches: Iterator[np.ndarray], device: torch.device,
+            resegment: Resegment | None = None) -> DataLoader:
+    """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA
+    (segmented anew by `resegment` when given).
 
     Its own generator: starting a loader must not draw from the global RNG that dropout uses,
     or a resumed run would see other dropout masks than the uninterrupted one.
     """
     cuda = device.type == "cuda"
-    return DataLoader(_Pairs(src, tgt), batch_sampler=batches, collate_fn=_collate_pairs,
-                      num_workers=2 if cuda else 0, pin_memory=cuda, prefetch_factor=8 if cuda else None,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(_Pairs(src, tgt, indexed=resegment is not None), batch_sampler=batches,
+                      collate_fn=resegment or _collate_pairs, num_workers=2 if cuda else 0, pin_memory=cuda,
+                      prefetch_factor=8 if cuda else None, generator=torch.Generator().manual_seed(0))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -631,10 +632,19 @@ def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
         # One build of the epoch's batches for both readers; tee holds only what the loader's
         # prefetch is ahead of the loop.
         for_loader, for_steps = tee(step_groups(*epoch))
-        batches = iter(_loader(src, tgt, rank_batches(for_loader, ranks.rank, ranks.world), run.device))
+        alpha = cfg.tokenizer.sampling_alpha
+        resegment = (Resegment(run.data.vocab, alpha, t.seed, state.epoch, cfg.model.max_positions - 1)
+                     if alpha else None)
+        batches = iter(_loader(src, tgt, rank_batches(for_loader, ranks.rank, ranks.world), run.device,
+                               resegment))
         for group in for_steps:
-            micro = [_to_device(next(batches), run.device) for _ in range(t.accum_steps)]
-            n_tokens = sum(int(tgt.lengths[idx].sum()) + len(idx) for idx in group)
+            host = [next(batches) for _ in range(t.accum_steps)]
+            n_tokens = _target_tokens(tgt, group)
+            if resegment is not None:  # the loss is per target token of the segmentation drawn
+                prepared = _target_tokens(tgt, group[ranks.rank::ranks.world])
+                drawn = sum(int((b["tgt_out"] != PAD).sum()) for b in host)
+                n_tokens = round(n_tokens * drawn / prepared)  # exact on one rank; estimated over ranks
+            micro = [_to_device(b, run.device) for b in host]
             lr = learning_rate(state.step + 1, cfg.model.d_model, t.warmup_steps, t.lr_factor)
             out, parts = train_step(run.step_model, run.optimizer, micro, n_tokens, ranks.world, lr, t,
                                     run.autocast, parts)
@@ -665,6 +675,11 @@ def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
     if state.step != validated_at:  # stopped between validations (max_epochs)
         _validate_and_save(run, state, progress, log_file)
     return stop
+
+
+def _target_tokens(tgt: TokenArray | Selection, batches: list[np.ndarray]) -> int:
+    """Target tokens (EOS included) of these batches as prepared."""
+    return sum(int(tgt.lengths[idx].sum()) + len(idx) for idx in batches)
 
 
 def _log_window(run: Run, window: _Window, state: TrainState, lr: float, progress: _Progress, log_file,

@@ -1,15 +1,18 @@
 """Token-budget batches of similar-length sentences, grouped into optimizer steps and shared out
-across ranks, and padding them into tensors."""
+across ranks, padding them into tensors, and segmenting them anew at random (subword
+regularisation)."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from itertools import islice
 
 import numpy as np
+import sentencepiece as spm
 import torch
 
-from mtkit.data.vocab import BOS, EOS, PAD
+from mtkit.data.vocab import BOS, EOS, PAD, Vocab
 
 
 def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int,
@@ -100,3 +103,25 @@ def pad(seqs: list, prefix: int | None = None, suffix: int | None = None) -> tor
 def collate(src: list, tgt: list) -> dict[str, torch.Tensor]:
     """Source + EOS; target input BOS + target; target output target + EOS (teacher forcing)."""
     return {"src": pad(src, suffix=EOS), "tgt_in": pad(tgt, prefix=BOS), "tgt_out": pad(tgt, suffix=EOS)}
+
+
+class Resegment:
+    """Collates (index, source ids, target ids) items like `collate`, after segmenting both sides anew
+    at random (SentencePiece sampling with `alpha`; Kudo 2018, Provilkov et al. 2020). The draw depends
+    only on the seed, the epoch and the batch's pair indices, so a resumed run, or a worker process
+    that builds the batch, segments it as the uninterrupted run does. A sentence whose new
+    segmentation would be longer than `longest` keeps the prepared one."""
+
+    def __init__(self, vocab: Vocab, alpha: float, seed: int, epoch: int, longest: int):
+        self.vocab, self.alpha, self.seed, self.epoch, self.longest = vocab, alpha, seed, epoch, longest
+
+    def __call__(self, items: list) -> dict[str, torch.Tensor]:
+        index = np.array([i for i, _, _ in items], dtype=np.int64)
+        key = np.array([self.seed, self.epoch], dtype=np.int64).tobytes() + index.tobytes()
+        spm.set_random_generator_seed(zlib.crc32(key))
+        sides = []
+        for side, k in ((self.vocab.src, 1), (self.vocab.tgt, 2)):
+            words = [item[k] for item in items]
+            drawn = side.encode_sampled(side.decode_many([w.tolist() for w in words]), self.alpha)
+            sides.append([d if 0 < len(d) <= self.longest else w for d, w in zip(drawn, words)])
+        return collate(*sides)

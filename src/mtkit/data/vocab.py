@@ -146,6 +146,14 @@ class Subwords:
             return ids
         return [self.from_spm[x].tolist() if x else [] for x in ids]
 
+    def encode_sampled(self, lines: list[str], alpha: float) -> list[list[int]]:
+        """A random segmentation of each line, drawn by SentencePiece (BPE-dropout or unigram
+        sampling with `alpha`) from its random generator (`sentencepiece.set_random_generator_seed`)."""
+        ids = self.sp.encode(lines, enable_sampling=True, alpha=alpha, nbest_size=-1, num_threads=1)
+        if self.from_spm is None:
+            return ids
+        return [self.from_spm[x].tolist() if x else [] for x in ids]
+
     def _theirs(self, ids: Iterable[int]) -> list[int]:
         if self.to_spm is None:
             return list(ids)
