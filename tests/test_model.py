@@ -206,3 +206,25 @@ def test_a_group_of_queries_attends_as_if_the_keys_were_repeated():
     torch.testing.assert_close(attn(x, kv, mask, group=3), attn(x, repeated, mask.repeat_interleave(3, 0)))
     torch.testing.assert_close(attn.weights(x, kv, mask, group=3),
                                attn.weights(x, repeated, mask.repeat_interleave(3, 0)))
+
+
+def test_activation_dropout_drops_hidden_units_in_training_only():
+    from mtkit.model import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(tiny_model_config(d_model=8, d_ff=64, activation_dropout=0.5))
+    x = torch.randn(4, 5, 8)
+    exact = ffn.w2(torch.relu(ffn.w1(x)))
+    assert torch.equal(ffn.eval()(x), exact)
+    ffn.train()
+    torch.manual_seed(1)
+    first = ffn(x)
+    torch.manual_seed(1)
+    assert torch.equal(ffn(x), first)  # the dropout draws come from torch's generator
+    assert not torch.allclose(ffn(x), first)  # and differ from draw to draw
+    # what is dropped is hidden units: with W2 = 0 but its bias, nothing of the dropout shows
+    with torch.no_grad():
+        ffn.w2.weight.zero_()
+    assert torch.equal(ffn(x), ffn.w2.bias.expand(4, 5, 8))
+    plain = FeedForward(tiny_model_config(d_model=8, d_ff=64)).train()
+    assert torch.equal(plain(x), plain.w2(torch.relu(plain.w1(x))))  # 0: the paper's FFN, untouched

@@ -255,6 +255,8 @@ def _training_section(state: dict, cfg: RunConfig) -> list[str]:
              f"{m.n_heads} heads, {m.norm}-norm, dropout {m.dropout:g}")
     if m.attention_dropout:
         model += f", attention dropout {m.attention_dropout:g}"
+    if getattr(m, "activation_dropout", 0.0):
+        model += f", activation dropout {m.activation_dropout:g}"
     activation = getattr(m, "activation", None)
     if activation:
         model += f", activation {activation}"

@@ -161,6 +161,9 @@ class ModelConfig:
     """P_drop on sublayer outputs and on embeddings + positions (section 5.4)."""
     attention_dropout: float = 0.0
     """Dropout on attention weights (not in the paper; 0 reproduces it)."""
+    activation_dropout: float = 0.0
+    """Dropout on the feed-forward network's hidden activations, max(0, x W1 + b1) (not in the paper;
+    fairseq's activation_dropout; 0 reproduces it)."""
     norm: Literal["post", "pre"] = "post"
     """post: LayerNorm(x + Sublayer(x)) as the paper; pre: x + Sublayer(LayerNorm(x))."""
     share_embeddings: bool = True
@@ -449,6 +452,7 @@ def _check(cfg: RunConfig) -> list[str]:
     if isinstance(cfg.decode.length_penalty, float) and not 0.0 <= cfg.decode.length_penalty <= 10.0:
         problems.append(f"decode.length_penalty must be in [0, 10], got {_short(cfg.decode.length_penalty)}")
     for key, value in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),
+                       ("model.activation_dropout", m.activation_dropout),
                        ("train.label_smoothing", t.label_smoothing)]:
         if isinstance(value, float) and not 0.0 <= value < 1.0:
             problems.append(f"{key} must be in [0, 1), got {value}")

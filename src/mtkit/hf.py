@@ -129,9 +129,10 @@ def _hf_config(cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> Any:
         "encoder_ffn_dim": cfg.d_ff, "decoder_ffn_dim": cfg.d_ff,
         "activation_function": ACTIVATIONS[cfg.activation], "scale_embedding": True,
         "max_position_embeddings": cfg.max_positions, "dropout": cfg.dropout,
-        "attention_dropout": cfg.attention_dropout, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
-        "decoder_layerdrop": 0.0, "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS,
-        "decoder_start_token_id": BOS, "forced_eos_token_id": EOS, "is_encoder_decoder": True}
+        "attention_dropout": cfg.attention_dropout, "activation_dropout": cfg.activation_dropout,
+        "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "pad_token_id": PAD, "bos_token_id": BOS,
+        "eos_token_id": EOS, "decoder_start_token_id": BOS, "forced_eos_token_id": EOS,
+        "is_encoder_decoder": True}
     if cfg.norm == "pre":
         if not cfg.share_embeddings:
             raise UserError("a pre-norm model exports as PegasusForConditionalGeneration, which shares one "
@@ -371,6 +372,7 @@ def _import_config(c: Any, model_dir: Path) -> ModelConfig:
         raise UserError(f"{model_dir}: cannot import: {'; '.join(problems)}")
     return ModelConfig(d_model=c.d_model, n_heads=c.encoder_attention_heads, d_ff=c.encoder_ffn_dim,
                        n_layers=c.encoder_layers, dropout=c.dropout, attention_dropout=c.attention_dropout,
+                       activation_dropout=float(getattr(c, "activation_dropout", 0.0) or 0.0),
                        norm="pre" if kind == "pegasus" else "post",
                        share_embeddings=bool(getattr(c, "share_encoder_decoder_embeddings", True)),
                        max_positions=c.max_position_embeddings,

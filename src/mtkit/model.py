@@ -149,9 +149,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
         self.activation = ACTIVATIONS[cfg.activation]
+        self.p_hidden = cfg.activation_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.activation(self.w1(x)))
+        hidden = self.activation(self.w1(x))
+        if self.p_hidden and self.training:
+            hidden = F.dropout(hidden, self.p_hidden, training=True)
+        return self.w2(hidden)
 
 
 class Residual(nn.Module):
