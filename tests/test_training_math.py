@@ -92,3 +92,54 @@ def test_collate_shifts_the_target_for_teacher_forcing():
     assert batch["src"].tolist() == [[7, 8, EOS], [9, EOS, PAD]]
     assert batch["tgt_in"].tolist() == [[BOS, 5, 6, 4], [BOS, 10, PAD, PAD]]
     assert batch["tgt_out"].tolist() == [[5, 6, 4, EOS], [10, EOS, PAD, PAD]]
+
+
+def test_rdrop_loss_is_the_mean_pass_loss_plus_the_symmetric_kl():
+    import torch.nn.functional as F
+
+    from mtkit.engine import rdrop_loss
+
+    torch.manual_seed(0)
+    target = torch.tensor([[5, 6, EOS, PAD], [7, EOS, PAD, PAD]])
+    p, q = torch.randn(2, 2, 4, 9, dtype=torch.float64)
+    logits = torch.cat([p, q]).requires_grad_()
+    loss, nll = rdrop_loss(logits, target, 0.1, alpha=5.0)
+    one, nll_p = label_smoothed_loss(p, target, 0.1)
+    other, nll_q = label_smoothed_loss(q, target, 0.1)
+    lp, lq = p.log_softmax(-1), q.log_softmax(-1)
+    keep = (target != PAD)[..., None]
+    kl_pq = (F.kl_div(lq, lp, log_target=True, reduction="none") * keep).sum()  # KL(p || q)
+    kl_qp = (F.kl_div(lp, lq, log_target=True, reduction="none") * keep).sum()
+    assert math.isclose(loss.item(), ((one + other) / 2 + 5.0 * (kl_pq + kl_qp) / 4).item(), rel_tol=1e-5)
+    assert math.isclose(nll.item(), ((nll_p + nll_q) / 2).item(), rel_tol=1e-5)
+    loss.backward()
+    assert torch.all(logits.grad[0, 3] == 0) and torch.all(logits.grad[2, 3] == 0)  # PAD: no gradient
+    # identical passes: no divergence, the loss of one pass
+    same, _ = rdrop_loss(torch.cat([p, p]), target, 0.1, alpha=5.0)
+    assert math.isclose(same.item(), one.item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_rdrop_step_without_dropout_is_the_plain_step_and_with_dropout_is_not(dropout):
+    from dataclasses import replace
+
+    from conftest import tiny_model_config
+    from mtkit.config import TrainConfig
+    from mtkit.device import Precision
+    from mtkit.engine import ComputeContext, train_step
+    from mtkit.model import Transformer
+
+    batch = collate([[5, 6, 7], [8, 9]], [[6, 7], [9, 10, 11]])
+    n_tokens = int((batch["tgt_out"] != PAD).sum())
+    weights = []
+    for alpha in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = Transformer(tiny_model_config(dropout=dropout), 16, 16).train()
+        t = replace(TrainConfig(), rdrop_alpha=alpha)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)  # weights move by the gradient
+        torch.manual_seed(1)
+        train_step(model, optimizer, [batch], n_tokens, 1, 1.0, t,
+                   ComputeContext(torch.device("cpu"), Precision("fp32", "test")))
+        weights.append(torch.cat([w.detach().flatten() for w in model.parameters()]))
+    same = torch.allclose(weights[0], weights[1], atol=1e-6)
+    assert same == (dropout == 0.0)

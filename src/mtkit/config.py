@@ -213,6 +213,10 @@ class TrainConfig:
     """Decoupled weight decay (AdamW); 0 is the paper's Adam."""
     label_smoothing: float = 0.1
     """epsilon_ls of section 5.4."""
+    rdrop_alpha: float = 0.0
+    """R-Drop (Liang et al., 2021; not in the paper): each batch goes through the model twice with
+    two dropout masks, and alpha weighs the symmetric KL divergence between the two output
+    distributions (5 is theirs for translation). A step then costs about twice as much; 0: off."""
     clip_norm: float | None = None
     """Clip the gradient norm to this value; None: no clipping (the paper does not clip)."""
     valid_every: int = 1000
@@ -444,7 +448,8 @@ def _check(cfg: RunConfig) -> list[str]:
     if isinstance(cfg.tokenizer.character_coverage, float) and cfg.tokenizer.character_coverage > 1:
         problems.append(f"tokenizer.character_coverage must be at most 1, "
                         f"got {cfg.tokenizer.character_coverage}")
-    for key, value in [("train.adam_eps", t.adam_eps), ("train.weight_decay", t.weight_decay)]:
+    for key, value in [("train.adam_eps", t.adam_eps), ("train.weight_decay", t.weight_decay),
+                       ("train.rdrop_alpha", t.rdrop_alpha)]:
         if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
             problems.append(f"{key} must be a number >= 0, got {value}")
     if isinstance(t.adam_betas, tuple) and not all(isinstance(b, float) and 0 <= b < 1 for b in t.adam_betas):

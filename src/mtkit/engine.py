@@ -112,6 +112,23 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor,
     return _SmoothedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), target.reshape(-1), epsilon)
 
 
+def rdrop_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,
+               alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """R-Drop (Liang et al., 2021) on the logits of a batch stacked twice (2B rows, two dropout
+    masks): (CE1 + CE2) / 2 + alpha * (KL(p1 || p2) + KL(p2 || p1)) / 4, summed over non-pad target
+    tokens. That is Liang et al.'s loss halved, so that the loss keeps the scale of one pass (and the
+    learning rate its meaning) while their alpha means the same here.
+
+    Returns (loss sum, the two passes' mean negative log-likelihood sum, without gradient).
+    """
+    both = target.repeat(2, 1)
+    loss, nll = label_smoothed_loss(logits, both, epsilon)
+    logp, logq = logits.float().log_softmax(-1).chunk(2)
+    kl = (logp.exp() * (logp - logq) + logq.exp() * (logq - logp)).sum(-1)  # KL(p||q) + KL(q||p)
+    kl = kl.masked_fill(target == PAD, 0.0).sum()
+    return loss / 2 + alpha * kl / 4, nll / 2
+
+
 def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     """Section 5.3: Adam(0.9, 0.98, 1e-9) (AdamW with weight decay), fused: one kernel per step,
     and able to skip a non-finite step on the device without a host sync (`found_inf`)."""
@@ -145,9 +162,14 @@ def _backward_all(step_model: nn.Module, micro: list[dict], scale: float, t: Tra
         last = i == len(pieces) - 1
         no_sync = getattr(step_model, "no_sync", None)
         with (nullcontext() if last or no_sync is None else no_sync()):
-            with autocast:
-                logits = step_model(b["src"], b["tgt_in"])
-            loss, nll = label_smoothed_loss(logits, b["tgt_out"], t.label_smoothing)
+            if t.rdrop_alpha:
+                with autocast:  # the batch twice in one pass: two dropout masks
+                    logits = step_model(b["src"].repeat(2, 1), b["tgt_in"].repeat(2, 1))
+                loss, nll = rdrop_loss(logits, b["tgt_out"], t.label_smoothing, t.rdrop_alpha)
+            else:
+                with autocast:
+                    logits = step_model(b["src"], b["tgt_in"])
+                loss, nll = label_smoothed_loss(logits, b["tgt_out"], t.label_smoothing)
             scaled = loss * scale
             (scaled if autocast.scaler is None else autocast.scaler.scale(scaled)).backward()
         loss_sum, nll_sum = loss_sum + loss.detach(), nll_sum + nll
