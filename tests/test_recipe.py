@@ -28,9 +28,10 @@ def config(work: Path, **splits) -> Path:
     return path
 
 
-def recipe(path: Path, *args: str) -> subprocess.CompletedProcess:
+def recipe(path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(ROOT / "scripts" / "recipe.sh"), str(path), *args],
-                          capture_output=True, text=True, env={**ENV, "RECIPE_AVERAGE": "2"}, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env={**ENV, "RECIPE_AVERAGE": "2", **env})
 
 
 def test_recipe_runs_a_config_end_to_end_and_prints_the_test_scores_last(tmp_path):
@@ -60,3 +61,20 @@ def test_recipe_without_a_test_split_is_one_error_line_before_any_work(tmp_path)
     assert proc.stderr.strip().splitlines() == [
         f"recipe: error: {tmp_path / 'recipe.yaml'}: data.splits.test is needed by scripts/recipe.sh"]
     assert not (tmp_path / "prepared").exists() and not (tmp_path / "run").exists()
+
+
+def test_recipe_test_0_compares_on_validation_only_and_needs_no_test_split(tmp_path):
+    pairs = synthetic_pairs(300)
+    write_text_pair(tmp_path, "train", pairs[:260])
+    write_text_pair(tmp_path, "valid", pairs[260:280])
+    path = config(tmp_path)  # no data.splits.test
+    proc = recipe(path, "--set", "train.max_steps=2", RECIPE_TEST="0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads((run / "valid.json").read_text()) == result
+    assert len((run / "valid.hyp").read_text().splitlines()) == 20
+    assert not (run / "test.hyp").exists() and not (run / "test.json").exists()
+    bad = recipe(path, RECIPE_TEST="yes")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "recipe: error: RECIPE_TEST must be 0 or 1, not 'yes'"

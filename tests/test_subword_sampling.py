@@ -1,5 +1,6 @@
-"""tokenizer.sampling_alpha: training pairs segmented anew at random when their batch is built
-(BPE-dropout / unigram sampling through SentencePiece), reproducibly, on the same sentences."""
+"""tokenizer.sampling_alpha: the training pairs segmented anew at random for each epoch, before its
+batches are formed (BPE-dropout / unigram sampling through SentencePiece), reproducibly, on the same
+sentences."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import synthetic_pairs, write_text_pair
 from mtkit.config import config_from_dict
-from mtkit.data.batching import Resegment, collate
+from mtkit.data.batching import resegment, token_batches
 from mtkit.data.shards import PreparedData
-from mtkit.data.vocab import BOS, EOS, PAD
 from mtkit.errors import UserError
 from mtkit.prepare import prepare
 from mtkit.train import train
@@ -46,61 +45,58 @@ def work(tmp_path_factory) -> Path:
     return work
 
 
-def items(data: PreparedData, n: int = 40) -> list:
+def draw(data: PreparedData, alpha: float = 0.3, seed: int = 1, epoch: int = 0, longest: int = 63):
     src, tgt = data.split("train")
-    return [(i, src[i], tgt[i]) for i in range(n)]
+    return (src, tgt), resegment(data.vocab, src, tgt, alpha, seed=seed, epoch=epoch, longest=longest)
 
 
-def texts(vocab, ids: torch.Tensor) -> list[str]:
-    return [vocab.decode([int(x) for x in row if x > EOS]) for row in ids]
+def texts(vocab, side) -> list[str]:
+    return [vocab.decode([int(x) for x in side[i]]) for i in range(len(side))]
 
 
 @pytest.mark.parametrize("kind, alpha", [("bpe", 0.3), ("unigram", 0.1)])
-def test_resegmented_batches_are_the_same_sentences_in_other_pieces(work, kind, alpha):
+def test_resegmented_pairs_are_the_same_sentences_in_other_pieces(work, kind, alpha):
     data = PreparedData(work / f"prepared_{kind}")
-    batch = items(data)
-    plain = collate([s for _, s, _ in batch], [t for _, _, t in batch])
-    drawn = Resegment(data.vocab, alpha, seed=1, epoch=0, longest=63)(batch)
-    for key in ("src", "tgt_out"):
-        assert texts(data.vocab.src, drawn[key]) == texts(data.vocab.src, plain[key])
-    def pieces(row: torch.Tensor) -> list[int]:
-        return row[row != PAD].tolist()
+    prepared, drawn = draw(data, alpha)
+    for plain, new, vocab in zip(prepared, drawn, (data.vocab.src, data.vocab.tgt)):
+        assert len(new) == len(plain) == 400
+        assert texts(vocab, new) == texts(vocab, plain)
+        assert new.lengths.tolist() == [len(new[i]) for i in range(len(new))]
+        changed = [i for i in range(len(new)) if new[i].tolist() != plain[i].tolist()]
+        assert len(changed) >= len(new) // 4  # many sentences of a few words get other pieces
+    # the epoch's batches are formed on the drawn lengths: less padding than the prepared batches
+    # would have with the drawn pieces in them
+    def padding(batches, src, tgt) -> float:
+        real = sum(int(src.lengths[b].sum() + tgt.lengths[b].sum()) for b in batches)
+        return 1 - real / sum(len(b) * int(src.lengths[b].max() + tgt.lengths[b].max()) for b in batches)
+    on_drawn = token_batches(drawn[0].lengths, drawn[1].lengths, 300)
+    on_prepared = token_batches(prepared[0].lengths, prepared[1].lengths, 300)
+    assert padding(on_drawn, *drawn) < padding(on_prepared, *drawn) - 0.05
 
-    changed = [i for i in range(len(batch)) if pieces(drawn["src"][i]) != pieces(plain["src"][i])]
-    assert len(changed) >= len(batch) // 4  # many sentences of a few words get other pieces
-    # teacher forcing stays aligned: BOS + target, target + EOS
-    assert (drawn["tgt_in"][:, 0] == BOS).all()
-    shifted = drawn["tgt_out"][:, :-1]
-    assert torch.equal(drawn["tgt_in"][:, 1:], shifted.masked_fill(shifted == EOS, PAD))
 
-
-def test_the_draw_depends_on_seed_epoch_and_pairs_only(work):
+def test_the_draw_depends_on_seed_and_epoch_only(work):
     data = PreparedData(work / "prepared_bpe")
-    batch = items(data)
 
-    def draw(seed: int, epoch: int, these=batch) -> dict:
-        return Resegment(data.vocab, 0.3, seed=seed, epoch=epoch, longest=63)(these)
+    def pieces(**kw) -> list[list[int]]:
+        _, (src, tgt) = draw(data, **kw)
+        return [src[i].tolist() for i in range(len(src))] + [tgt[i].tolist() for i in range(len(tgt))]
 
-    first = draw(1, 0)
-    draw(1, 3)  # another draw in between (the generator is global) changes nothing
-    assert all(torch.equal(first[k], draw(1, 0)[k]) for k in first)
-    assert not torch.equal(first["src"], draw(1, 1)["src"])  # the next epoch: other pieces
-    assert not torch.equal(first["src"], draw(2, 0)["src"])  # another seed: other pieces
-    shifted = [(i + 1000, s, t) for i, s, t in batch]  # other pairs with the same text
-    assert not torch.equal(first["src"], draw(1, 0, shifted)["src"])
+    first = pieces()
+    draw(data, epoch=3)  # another draw in between (the generator is global) changes nothing
+    assert pieces() == first
+    assert pieces(epoch=1) != first  # the next epoch: other pieces
+    assert pieces(seed=2) != first  # another seed: other pieces
 
 
 def test_a_sentence_whose_draw_is_too_long_keeps_its_prepared_pieces(work):
     data = PreparedData(work / "prepared_bpe")
-    batch = items(data)
-    longest = max(len(s) for _, s, _ in batch)
-    drawn = Resegment(data.vocab, 0.9, seed=1, epoch=0, longest=longest)(batch)
-    for row in drawn["src"]:
-        assert len(row[row != PAD]) - 1 <= longest  # without EOS
-    # at alpha 0.9 nearly every merge is dropped: the long sentences fell back to their prepared pieces
-    kept = [i for i, (_, s, _) in enumerate(batch) if len(s) == longest]
-    for i in kept:
-        assert drawn["src"][i][: len(batch[i][1])].tolist() == batch[i][1].tolist()
+    src = data.split("train")[0]
+    longest = int(src.lengths.max())
+    (src, _), (drawn, _) = draw(data, 0.9, longest=longest)
+    assert int(drawn.lengths.max()) <= longest
+    # at alpha 0.9 nearly every merge is dropped: the longest sentences fell back to their prepared pieces
+    kept = [i for i in range(len(src)) if len(src[i]) == longest]
+    assert kept and all(drawn[i].tolist() == src[i].tolist() for i in kept)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -118,6 +114,23 @@ def test_training_with_sampling_is_reproducible_and_differs_from_without(work):
     assert len(runs["a"]) == 6 and all(np.isfinite(runs["a"]))
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["plain"]
+    # padding is counted on the drawn batches, which are longer than the prepared ones
+    records = [json.loads(line) for line in (work / "run_a" / "log.jsonl").read_text().splitlines()]
+    assert all(0 <= r["padding"] < 1 for r in records if "padding" in r)
+
+
+def test_a_resumed_run_with_sampling_draws_what_the_uninterrupted_run_drew(work):
+    steps = {"max_steps": 16, "valid_every": 5, "log_every": 1, "max_tokens": 2000}  # over 2 epochs
+    full = raw_config(work, run_dir=str(work / "full"), **steps)
+    full["tokenizer"]["sampling_alpha"] = 0.2
+    train(config_from_dict(full))
+    part = {**full, "train": {**full["train"], "run_dir": str(work / "part"), "max_steps": 8}}
+    train(config_from_dict(part))  # stops mid-epoch, between validations, with a checkpoint
+    part["train"]["max_steps"] = 16
+    train(config_from_dict(part), resume=True)
+    records = [json.loads(line) for line in (work / "full" / "log.jsonl").read_text().splitlines()]
+    assert max(r["epoch"] for r in records if "epoch" in r) >= 2
+    assert losses(work / "part") == losses(work / "full")
 
 
 @pytest.mark.parametrize("alpha", [0, 1, 1.5, -0.1, float("nan")])

@@ -138,11 +138,14 @@ class TokenizerConfig:
     both sides share, so that embeddings may be shared with two SentencePiece models; its <pad>,
     <unk>, </s> (and <s>) become mtkit's special ids, the other pieces follow in its id order."""
     sampling_alpha: float | None = None
-    """Subword regularisation in training: every time a batch is built, its sentences (both sides) are
-    segmented anew at random by SentencePiece's sampling, with this alpha: the probability of dropping
-    a merge for bpe (BPE-dropout), the smoothing of the segmentation distribution for unigram (Kudo,
-    2018); in (0, 1). Validation and translation keep the one best segmentation; the prepared data is
-    the same. None: no sampling."""
+    """Subword regularisation in training: at the start of every epoch, the training sentences (both
+    sides) are segmented anew at random by SentencePiece's sampling, with this alpha: the probability
+    of dropping a merge for bpe (BPE-dropout), the smoothing of the segmentation distribution for
+    unigram (Kudo, 2018); in (0, 1). The epoch's batches are then formed on the drawn lengths. Drawn
+    segmentations are longer than the best one, so a batch of train.max_tokens holds fewer sentences.
+    The epoch's draw is held in memory (a corpus of millions of pairs wants a machine to match).
+    Validation and translation keep the one best segmentation; the prepared data is the same. None:
+    no sampling."""
 
 
 @dataclass

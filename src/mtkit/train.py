@@ -40,7 +40,7 @@ from mtkit.checkpoint import (
 )
 from mtkit.config import ModelConfig, RunConfig, config_to_dict, parse_duration, save_config
 from mtkit.curves import plot_curves
-from mtkit.data.batching import Resegment, collate, rank_batches, step_groups, token_batches
+from mtkit.data.batching import Drawn, collate, rank_batches, resegment, step_groups, token_batches
 from mtkit.data.shards import PreparedData, Selection, TokenArray
 from mtkit.data.vocab import PAD, Vocab
 from mtkit.device import Precision, choose_precision, describe, versions
@@ -142,31 +142,30 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class _Pairs(Dataset):
-    def __init__(self, src: TokenArray | Selection, tgt: TokenArray | Selection, indexed: bool = False):
-        self.src, self.tgt, self.indexed = src, tgt, indexed
+    def __init__(self, src: TokenArray | Selection | Drawn, tgt: TokenArray | Selection | Drawn):
+        self.src, self.tgt = src, tgt
 
     def __len__(self) -> int:
         return len(self.src)
 
     def __getitem__(self, i: int) -> tuple:
-        return (i, self.src[i], self.tgt[i]) if self.indexed else (self.src[i], self.tgt[i])
+        return self.src[i], self.tgt[i]
 
 
 def _collate_pairs(items: list) -> dict[str, torch.Tensor]:
     return collate([s for s, _ in items], [t for _, t in items])
 
 
-def _loader(src: TokenArray, tgt: TokenArray, batches: Iterator[np.ndarray], device: torch.device,
-            resegment: Resegment | None = None) -> DataLoader:
-    """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA
-    (segmented anew by `resegment` when given).
+def _loader(src: TokenArray | Drawn, tgt: TokenArray | Drawn, batches: Iterator[np.ndarray],
+            device: torch.device) -> DataLoader:
+    """This rank's batches, collated ahead of use in worker processes into pinned memory on CUDA.
 
     Its own generator: starting a loader must not draw from the global RNG that dropout uses,
     or a resumed run would see other dropout masks than the uninterrupted one.
     """
     cuda = device.type == "cuda"
-    return DataLoader(_Pairs(src, tgt, indexed=resegment is not None), batch_sampler=batches,
-                      collate_fn=resegment or _collate_pairs, num_workers=2 if cuda else 0, pin_memory=cuda,
+    return DataLoader(_Pairs(src, tgt), batch_sampler=batches,
+                      collate_fn=_collate_pairs, num_workers=2 if cuda else 0, pin_memory=cuda,
                       prefetch_factor=8 if cuda else None, generator=torch.Generator().manual_seed(0))
 
 
@@ -618,7 +617,7 @@ def _out_of_time(run: Run, state: TrainState, reserve: float) -> bool:
 def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
     """Steps, logging, validation, checkpoints, until a reason to stop, which it returns."""
     cfg, t, ranks = run.cfg, run.cfg.train, run.ranks
-    src, tgt = run.data.training_pairs()
+    prepared = run.data.training_pairs()
     group_size = t.accum_steps * ranks.world
     run.model.train()
     window, parts, lr = _Window(run.device), 1, 0.0
@@ -627,23 +626,20 @@ def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
     reserve = 0.0  # how long the last validation and save took: the final one must fit in max_time
     bad_run = torch.zeros((), device=run.device)  # consecutive skipped (non-finite) steps
     while stop is None:
+        src, tgt = prepared
+        alpha = cfg.tokenizer.sampling_alpha
+        if alpha:  # the epoch's pairs segmented anew, then batched by their drawn lengths
+            longest = cfg.model.max_positions - 1
+            src, tgt = resegment(run.data.vocab, src, tgt, alpha, t.seed, state.epoch, longest)
         epoch = (src.lengths, tgt.lengths, state.max_tokens, t.seed, state.epoch, group_size, t.pool_size,
                  state.batch_in_epoch // group_size)
         # One build of the epoch's batches for both readers; tee holds only what the loader's
         # prefetch is ahead of the loop.
         for_loader, for_steps = tee(step_groups(*epoch))
-        alpha = cfg.tokenizer.sampling_alpha
-        resegment = (Resegment(run.data.vocab, alpha, t.seed, state.epoch, cfg.model.max_positions - 1)
-                     if alpha else None)
-        batches = iter(_loader(src, tgt, rank_batches(for_loader, ranks.rank, ranks.world), run.device,
-                               resegment))
+        batches = iter(_loader(src, tgt, rank_batches(for_loader, ranks.rank, ranks.world), run.device))
         for group in for_steps:
             host = [next(batches) for _ in range(t.accum_steps)]
             n_tokens = _target_tokens(tgt, group)
-            if resegment is not None:  # the loss is per target token of the segmentation drawn
-                prepared = _target_tokens(tgt, group[ranks.rank::ranks.world])
-                drawn = sum(int((b["tgt_out"] != PAD).sum()) for b in host)
-                n_tokens = round(n_tokens * drawn / prepared)  # exact on one rank; estimated over ranks
             micro = [_to_device(b, run.device) for b in host]
             lr = learning_rate(state.step + 1, cfg.model.d_model, t.warmup_steps, t.lr_factor)
             out, parts = train_step(run.step_model, run.optimizer, micro, n_tokens, ranks.world, lr, t,
@@ -677,8 +673,8 @@ def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
     return stop
 
 
-def _target_tokens(tgt: TokenArray | Selection, batches: list[np.ndarray]) -> int:
-    """Target tokens (EOS included) of these batches as prepared."""
+def _target_tokens(tgt: TokenArray | Selection | Drawn, batches: list[np.ndarray]) -> int:
+    """Target tokens (EOS included) of these batches, as prepared or as drawn for the epoch."""
     return sum(int(tgt.lengths[idx].sum()) + len(idx) for idx in batches)
 
 

@@ -105,23 +105,44 @@ def collate(src: list, tgt: list) -> dict[str, torch.Tensor]:
     return {"src": pad(src, suffix=EOS), "tgt_in": pad(tgt, prefix=BOS), "tgt_out": pad(tgt, suffix=EOS)}
 
 
-class Resegment:
-    """Collates (index, source ids, target ids) items like `collate`, after segmenting both sides anew
-    at random (SentencePiece sampling with `alpha`; Kudo 2018, Provilkov et al. 2020). The draw depends
-    only on the seed, the epoch and the batch's pair indices, so a resumed run, or a worker process
-    that builds the batch, segments it as the uninterrupted run does. A sentence whose new
-    segmentation would be longer than `longest` keeps the prepared one."""
+DRAW_CHUNK = 4096
+"""Pairs segmented in one SentencePiece call under one seed: a pair's draw depends on the seed, the
+epoch, its side and the chunk of DRAW_CHUNK pairs it is in."""
 
-    def __init__(self, vocab: Vocab, alpha: float, seed: int, epoch: int, longest: int):
-        self.vocab, self.alpha, self.seed, self.epoch, self.longest = vocab, alpha, seed, epoch, longest
 
-    def __call__(self, items: list) -> dict[str, torch.Tensor]:
-        index = np.array([i for i, _, _ in items], dtype=np.int64)
-        key = np.array([self.seed, self.epoch], dtype=np.int64).tobytes() + index.tobytes()
-        spm.set_random_generator_seed(zlib.crc32(key))
-        sides = []
-        for side, k in ((self.vocab.src, 1), (self.vocab.tgt, 2)):
-            words = [item[k] for item in items]
-            drawn = side.encode_sampled(side.decode_many([w.tolist() for w in words]), self.alpha)
-            sides.append([d if 0 < len(d) <= self.longest else w for d, w in zip(drawn, words)])
-        return collate(*sides)
+class Drawn:
+    """One side of the training pairs as segmented for one epoch: `lengths`, `len` and `[i]` as
+    the prepared token arrays have them."""
+
+    def __init__(self, seqs: list[np.ndarray]):
+        self.seqs = seqs
+        self.lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.seqs[int(i)]
+
+
+def resegment(vocab: Vocab, src, tgt, alpha: float, seed: int, epoch: int,
+              longest: int) -> tuple[Drawn, Drawn]:
+    """Both sides of the training pairs segmented anew at random for one epoch (SentencePiece
+    sampling with `alpha`; Kudo 2018, Provilkov et al. 2020), before the epoch's batches are formed,
+    so batches are made of similar drawn lengths and keep their token budget and little padding.
+
+    The draw depends only on the seed and the epoch, so a resumed run, and every rank, segments the
+    epoch as the uninterrupted run does. A sentence whose new segmentation would be empty or longer
+    than `longest` keeps the prepared one."""
+    sides = []
+    for k, (side, ids) in enumerate(((vocab.src, src), (vocab.tgt, tgt)), 1):
+        seqs: list[np.ndarray] = []
+        for lo in range(0, len(ids), DRAW_CHUNK):
+            words = [ids[i] for i in range(lo, min(len(ids), lo + DRAW_CHUNK))]
+            key = np.array([seed, epoch, k, lo], dtype=np.int64).tobytes()
+            spm.set_random_generator_seed(zlib.crc32(key))
+            drawn = side.encode_sampled(side.decode_many([w.tolist() for w in words]), alpha)
+            seqs += [np.asarray(d, dtype=w.dtype) if 0 < len(d) <= longest else w
+                     for d, w in zip(drawn, words)]
+        sides.append(Drawn(seqs))
+    return sides[0], sides[1]
