@@ -3,9 +3,9 @@
 #   bash scripts/recipe.sh configs/multi30k_de_en_cpu_long.yaml [--set KEY=VALUE ...]
 # MTKIT_DATA, when set, is the data directory (data.dir). The config names its test split in
 # data.splits.test; prepare leaves it alone for training and nothing chooses by it. The run's newest
-# RECIPE_AVERAGE checkpoints are averaged (default 3: of 3 and 5, 3 scored higher on validation for
-# the one-hour Multi30k recipe); the averaged model translates the validation
-# and the test split. Validation scores go to stderr and RUN/valid.json; the test split's
+# RECIPE_AVERAGE checkpoints are averaged (default 3, which scored highest on validation for the
+# one-hour de->en recipe; en->de's validation chose 1, its last checkpoint); the averaged model
+# translates the validation and the test split. Validation scores go to stderr and RUN/valid.json; the test split's
 # `mtkit evaluate --json` result is printed last, on stdout (and kept in RUN/test.json).
 # RECIPE_TEST=0 leaves the test split alone (for comparing settings, which is done on validation
 # only): the validation result is printed last instead, and the config needs no test split.
