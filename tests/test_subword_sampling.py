@@ -12,7 +12,7 @@ import pytest
 
 from conftest import synthetic_pairs, write_text_pair
 from mtkit.config import config_from_dict
-from mtkit.data.batching import resegment, token_batches
+from mtkit.data.batching import Resegmenter, resegment, token_batches
 from mtkit.data.shards import PreparedData
 from mtkit.errors import UserError
 from mtkit.prepare import prepare
@@ -86,6 +86,22 @@ def test_the_draw_depends_on_seed_and_epoch_only(work):
     assert pieces() == first
     assert pieces(epoch=1) != first  # the next epoch: other pieces
     assert pieces(seed=2) != first  # another seed: other pieces
+
+
+def test_a_kept_resegmenter_decodes_once_and_draws_each_epoch_as_a_fresh_one(work, monkeypatch):
+    data = PreparedData(work / "prepared_unigram")
+    src, tgt = data.split("train")
+    kept = Resegmenter(data.vocab, src, tgt, 0.1, longest=63)
+    calls = []
+    for side in {id(v): v for v in (data.vocab.src, data.vocab.tgt)}.values():  # one object when joint
+        monkeypatch.setattr(side, "decode_many", lambda ids, _d=side.decode_many: calls.append(1) or _d(ids))
+    for epoch in (0, 1, 2):
+        ours = kept.draw(seed=4, epoch=epoch)
+        fresh = resegment(data.vocab, src, tgt, 0.1, seed=4, epoch=epoch, longest=63)
+        for a, b in zip(ours, fresh):
+            assert [a[i].tolist() for i in range(len(a))] == [b[i].tolist() for i in range(len(b))]
+    # the kept one decoded each side once (one chunk each); each fresh one decoded both sides again
+    assert len(calls) == 2 + 3 * 2
 
 
 def test_a_sentence_whose_draw_is_too_long_keeps_its_prepared_pieces(work):

@@ -40,7 +40,7 @@ from mtkit.checkpoint import (
 )
 from mtkit.config import ModelConfig, RunConfig, config_to_dict, parse_duration, save_config
 from mtkit.curves import plot_curves
-from mtkit.data.batching import Drawn, collate, rank_batches, resegment, step_groups, token_batches
+from mtkit.data.batching import Drawn, Resegmenter, collate, rank_batches, step_groups, token_batches
 from mtkit.data.shards import PreparedData, Selection, TokenArray
 from mtkit.data.vocab import PAD, Vocab
 from mtkit.device import Precision, choose_precision, describe, versions
@@ -625,12 +625,12 @@ def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
     validated_at = state.step  # a resumed run restarts from a validated checkpoint
     reserve = 0.0  # how long the last validation and save took: the final one must fit in max_time
     bad_run = torch.zeros((), device=run.device)  # consecutive skipped (non-finite) steps
+    alpha = cfg.tokenizer.sampling_alpha
+    sampler = Resegmenter(run.data.vocab, *prepared, alpha, cfg.model.max_positions - 1) if alpha else None
     while stop is None:
         src, tgt = prepared
-        alpha = cfg.tokenizer.sampling_alpha
-        if alpha:  # the epoch's pairs segmented anew, then batched by their drawn lengths
-            longest = cfg.model.max_positions - 1
-            src, tgt = resegment(run.data.vocab, src, tgt, alpha, t.seed, state.epoch, longest)
+        if sampler is not None:  # the epoch's pairs segmented anew, then batched by their drawn lengths
+            src, tgt = sampler.draw(t.seed, state.epoch)
         epoch = (src.lengths, tgt.lengths, state.max_tokens, t.seed, state.epoch, group_size, t.pool_size,
                  state.batch_in_epoch // group_size)
         # One build of the epoch's batches for both readers; tee holds only what the loader's

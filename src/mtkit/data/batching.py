@@ -125,24 +125,48 @@ class Drawn:
         return self.seqs[int(i)]
 
 
-def resegment(vocab: Vocab, src, tgt, alpha: float, seed: int, epoch: int,
-              longest: int) -> tuple[Drawn, Drawn]:
-    """Both sides of the training pairs segmented anew at random for one epoch (SentencePiece
+def _chunk(ids, lo: int) -> list[np.ndarray]:
+    return [ids[i] for i in range(lo, min(len(ids), lo + DRAW_CHUNK))]
+
+
+class Resegmenter:
+    """Both sides of the training pairs segmented anew at random for each epoch (SentencePiece
     sampling with `alpha`; Kudo 2018, Provilkov et al. 2020), before the epoch's batches are formed,
     so batches are made of similar drawn lengths and keep their token budget and little padding.
 
     The draw depends only on the seed and the epoch, so a resumed run, and every rank, segments the
     epoch as the uninterrupted run does. A sentence whose new segmentation would be empty or longer
-    than `longest` keeps the prepared one."""
-    sides = []
-    for k, (side, ids) in enumerate(((vocab.src, src), (vocab.tgt, tgt)), 1):
-        seqs: list[np.ndarray] = []
-        for lo in range(0, len(ids), DRAW_CHUNK):
-            words = [ids[i] for i in range(lo, min(len(ids), lo + DRAW_CHUNK))]
-            key = np.array([seed, epoch, k, lo], dtype=np.int64).tobytes()
-            spm.set_random_generator_seed(zlib.crc32(key))
-            drawn = side.encode_sampled(side.decode_many([w.tolist() for w in words]), alpha)
-            seqs += [np.asarray(d, dtype=w.dtype) if 0 < len(d) <= longest else w
-                     for d, w in zip(drawn, words)]
-        sides.append(Drawn(seqs))
-    return sides[0], sides[1]
+    than `longest` keeps the prepared one. The sentences' text is decoded from the prepared ids
+    once, at the first draw, and kept for the later epochs."""
+
+    def __init__(self, vocab: Vocab, src, tgt, alpha: float, longest: int):
+        self.pieces = ((vocab.src, src), (vocab.tgt, tgt))
+        self.alpha, self.longest = alpha, longest
+        self.texts: list[list[list[str]]] | None = None  # side -> chunk -> sentences
+
+    def _decoded(self) -> list[list[list[str]]]:
+        if self.texts is None:
+            self.texts = [[side.decode_many([w.tolist() for w in _chunk(ids, lo)])
+                           for lo in range(0, len(ids), DRAW_CHUNK)] for side, ids in self.pieces]
+        return self.texts
+
+    def draw(self, seed: int, epoch: int) -> tuple[Drawn, Drawn]:
+        """The pairs as segmented for this epoch of a run with this seed."""
+        sides = []
+        for k, ((side, ids), chunks) in enumerate(zip(self.pieces, self._decoded()), 1):
+            seqs: list[np.ndarray] = []
+            for c, text in enumerate(chunks):
+                lo = c * DRAW_CHUNK
+                key = np.array([seed, epoch, k, lo], dtype=np.int64).tobytes()
+                spm.set_random_generator_seed(zlib.crc32(key))
+                drawn = side.encode_sampled(text, self.alpha)
+                seqs += [np.asarray(d, dtype=ids[lo + j].dtype) if 0 < len(d) <= self.longest else ids[lo + j]
+                         for j, d in enumerate(drawn)]
+            sides.append(Drawn(seqs))
+        return sides[0], sides[1]
+
+
+def resegment(vocab: Vocab, src, tgt, alpha: float, seed: int, epoch: int,
+              longest: int) -> tuple[Drawn, Drawn]:
+    """One epoch's draw of `Resegmenter` (for a single epoch; a run keeps one Resegmenter)."""
+    return Resegmenter(vocab, src, tgt, alpha, longest).draw(seed, epoch)
