@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -90,14 +90,18 @@ def work(tmp_path_factory) -> Path:
 
 @settings(SETTINGS, max_examples=80)
 @given(overrides=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=2))
+@example(overrides=[("data.prepared_dir", 4)])
+@example(overrides=[("data.prepared_dir", 4), ("tokenizer.seed", 2)])  # the same directory, prepared again
 def test_generated_configs_prepare_and_train_cleanly(work, overrides, monkeypatch):
     monkeypatch.chdir(work)
     sets = [item for key, value in overrides for item in ("--set", f"{key}={yaml_value(value)}")]
     # Bounds that keep every example short, whatever was generated above (the last --set wins).
     bounds = ["--set", "train.max_steps=2", "--set", "train.max_time=10", "--set", "train.max_epochs=2"]
     own = ("prepared", "run", ".prepared", "/")
-    own += tuple(str(v) for k, v in overrides if k in ("data.prepared_dir", "train.run_dir")
-                 and isinstance(v, str) and v not in ("", ".", "..", "/", "~", "{lang}")
+    # a directory given as a number (prepared_dir: 4) is the config's text of it ("4")
+    named = [str(v) for k, v in overrides if k in ("data.prepared_dir", "train.run_dir")
+             and isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+    own += tuple(v for v in named if v not in ("", ".", "..", "/", "~", "{lang}")
                  and not v.startswith((".", "/")))
     before = snapshot(work, own)
     prepared = invoke("-q", "prepare", "run.yaml", *sets, "--force")
