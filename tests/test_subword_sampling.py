@@ -12,7 +12,7 @@ import pytest
 
 from conftest import synthetic_pairs, write_text_pair
 from mtkit.config import config_from_dict
-from mtkit.data.batching import Resegmenter, resegment, token_batches
+from mtkit.data.batching import Resegmenter, token_batches
 from mtkit.data.shards import PreparedData
 from mtkit.errors import UserError
 from mtkit.prepare import prepare
@@ -47,7 +47,7 @@ def work(tmp_path_factory) -> Path:
 
 def draw(data: PreparedData, alpha: float = 0.3, seed: int = 1, epoch: int = 0, longest: int = 63):
     src, tgt = data.split("train")
-    return (src, tgt), resegment(data.vocab, src, tgt, alpha, seed=seed, epoch=epoch, longest=longest)
+    return (src, tgt), Resegmenter(data.vocab, src, tgt, alpha, longest).draw(seed, epoch)
 
 
 def texts(vocab, side) -> list[str]:
@@ -97,7 +97,7 @@ def test_a_kept_resegmenter_decodes_once_and_draws_each_epoch_as_a_fresh_one(wor
         monkeypatch.setattr(side, "decode_many", lambda ids, _d=side.decode_many: calls.append(1) or _d(ids))
     for epoch in (0, 1, 2):
         ours = kept.draw(seed=4, epoch=epoch)
-        fresh = resegment(data.vocab, src, tgt, 0.1, seed=4, epoch=epoch, longest=63)
+        fresh = Resegmenter(data.vocab, src, tgt, 0.1, longest=63).draw(seed=4, epoch=epoch)
         for a, b in zip(ours, fresh):
             assert [a[i].tolist() for i in range(len(a))] == [b[i].tolist() for i in range(len(b))]
     # the kept one decoded each side once (one chunk each); each fresh one decoded both sides again

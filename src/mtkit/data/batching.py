@@ -165,8 +165,3 @@ class Resegmenter:
             sides.append(Drawn(seqs))
         return sides[0], sides[1]
 
-
-def resegment(vocab: Vocab, src, tgt, alpha: float, seed: int, epoch: int,
-              longest: int) -> tuple[Drawn, Drawn]:
-    """One epoch's draw of `Resegmenter` (for a single epoch; a run keeps one Resegmenter)."""
-    return Resegmenter(vocab, src, tgt, alpha, longest).draw(seed, epoch)
