@@ -39,7 +39,9 @@ Every shipped config in `configs/` writes out every key with a comment. Unknown 
 and missing required fields are reported all at once, on one line naming the file and the key
 (`unknown key 'model.layers' (did you mean 'n_layers'?)`), exit code 2. Any key can be overridden
 on the command line: `--set model.n_layers=3 --set train.max_steps=500` (values are read as YAML;
-`1e9` and `1e-9` are numbers). The resolved config is saved as `RUN_DIR/config.yaml` and inside
+`1e9` and `1e-9` are numbers). A value that opens a list or mapping must be valid YAML: quote a
+pattern with braces inside one, as in `--set 'data.corpora=[{src_lang: fr, splits: {train:
+"train.{lang}.gz"}}]'`. The resolved config is saved as `RUN_DIR/config.yaml` and inside
 every checkpoint. Corpus formats (`data.format`) and the Multi30k layout are described in
 [data/README.md](../data/README.md).
 

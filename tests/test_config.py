@@ -23,7 +23,7 @@ def write(tmp_path: Path, text: str) -> Path:
 MINIMAL = "data:\n  splits: {train: 'train.{lang}', valid: 'val.{lang}'}\n"
 
 
-def test_the_five_issue_configs_are_shipped():
+def test_the_paper_multi30k_and_quickstart_configs_are_shipped():
     names = {p.name for p in SHIPPED}
     assert {"transformer_base.yaml", "transformer_big.yaml", "multi30k_de_en.yaml",
             "multi30k_en_de.yaml", "quickstart_cpu.yaml"} <= names
@@ -103,6 +103,21 @@ def test_overrides_apply_with_yaml_types_and_unknown_ones_are_rejected(tmp_path)
         load_config(path, ["model.n_layer=3"])
     with pytest.raises(UserError, match="KEY=VALUE"):
         load_config(path, ["model.n_layers"])
+
+
+def test_an_override_that_opens_a_list_but_is_not_yaml_names_the_yaml_problem(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    unquoted = 'data.corpora=[{src_lang: de}, {src_lang: fr, splits: {train: train.{lang}.gz}}]'
+    with pytest.raises(UserError, match=r"--set 'data\.corpora=.*the value is not valid YAML at character 55 "
+                                        r"\(expected ',' or '\}', but got '\{'\); quote a value with braces"):
+        load_config(path, [unquoted])
+    with pytest.raises(UserError, match=r"not valid YAML at character 6 \(expected ',' or '\]'"):
+        load_config(path, ["data.corpora=[1, 2"])
+    quoted = load_config(path, [unquoted.replace("train.{lang}.gz", '"train.{lang}.gz"')])
+    assert [c.src_lang for c in quoted.data.corpora] == ["de", "fr"]
+    assert quoted.data.corpora[1].splits["train"] == "train.{lang}.gz"
+    # text that is not YAML and opens no list or mapping is still taken as the text it is
+    assert load_config(path, ["train.run_dir=@runs/a: b"]).train.run_dir == "@runs/a: b"
 
 
 def test_resolved_config_round_trips(tmp_path):

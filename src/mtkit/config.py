@@ -558,13 +558,24 @@ def parse_duration(value: float | str) -> float:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """'model.n_layers=3' -> (['model', 'n_layers'], 3); the value is read as YAML."""
+    """'model.n_layers=3' -> (['model', 'n_layers'], 3); the value is read as YAML.
+
+    A value that is not YAML is taken as its text (a path such as `@runs/x`), unless it opens a
+    list or mapping: that is a mistake in the YAML (an unquoted `{lang}` in a flow mapping, a missing
+    bracket), named here rather than passed on as a string.
+    """
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. model.n_layers=3")
     key, _, text = item.partition("=")
     try:
         value = read_yaml(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if text.lstrip()[:1] in ("[", "{"):
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at character {mark.column + 1}" if mark else ""
+            hint = "; quote a value with braces, e.g. \"train.{lang}.gz\"" if "{" in text.lstrip()[1:] else ""
+            problem = getattr(exc, "problem", exc)
+            raise UserError(f"--set {item!r}: the value is not valid YAML{where} ({problem}){hint}") from None
         value = text
     return key.strip().split("."), value
 
