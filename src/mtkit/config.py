@@ -557,6 +557,11 @@ def parse_duration(value: float | str) -> float:
     return seconds
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[Any, str]:
+    """Where a YAML error is (its mark, or None) and what it is."""
+    return getattr(exc, "problem_mark", None), str(getattr(exc, "problem", exc))
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'model.n_layers=3' -> (['model', 'n_layers'], 3); the value is read as YAML.
 
@@ -570,11 +575,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = read_yaml(text) if text.strip() else ""
     except yaml.YAMLError as exc:
-        if text.lstrip()[:1] in ("[", "{"):
-            mark = getattr(exc, "problem_mark", None)
+        opened = text.lstrip()
+        if opened[:1] in ("[", "{"):
+            mark, problem = _yaml_problem(exc)
             where = f" at character {mark.column + 1}" if mark else ""
-            hint = "; quote a value with braces, e.g. \"train.{lang}.gz\"" if "{" in text.lstrip()[1:] else ""
-            problem = getattr(exc, "problem", exc)
+            hint = "; quote a value with braces, e.g. \"train.{lang}.gz\"" if "{" in opened[1:] else ""
             raise UserError(f"--set {item!r}: the value is not valid YAML{where} ({problem}){hint}") from None
         value = text
     return key.strip().split("."), value
@@ -613,9 +618,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     try:
         raw = read_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark, problem = _yaml_problem(exc)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise UserError(f"{path}:{where} invalid YAML ({problem})") from None
     return config_from_dict(raw, str(path), overrides)
 
 
