@@ -132,3 +132,10 @@ def test_zero_heads_is_an_error_line_not_a_division_by_zero():
     raw["model"]["n_heads"] = 0
     with pytest.raises(UserError, match=r"model.n_heads must be >= 1, got 0"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize("key, value", [("train.threads", -1), ("train.threads", 0),
+                                        ("data.max_tokens_per_sentence", 0)])
+def test_a_count_below_one_is_an_error_line_naming_the_key(tmp_path, key, value):
+    with pytest.raises(UserError, match=rf"{key} must be >= 1, got {value}"):
+        load_config(write(tmp_path, MINIMAL), [f"{key}={value}"])

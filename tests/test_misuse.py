@@ -21,6 +21,7 @@ from conftest import synthetic_pairs, write_text_pair
 from mtkit.checkpoint import BEST, load_checkpoint, save_checkpoint, step_checkpoints
 from mtkit.config import config_from_dict, load_config
 from mtkit.errors import UserError
+from mtkit.train import LOCK
 from mtkit.translate import Translator
 from test_reliability import ENV, mtkit, one_error, raw_config
 
@@ -119,7 +120,10 @@ def test_21_a_second_train_on_a_busy_run_directory_is_refused_with_the_holders_p
     # the lock dies with its holder: a SIGKILLed run leaves none behind
     second = subprocess.Popen([sys.executable, "-m", "mtkit", *args, "--force"], cwd=work, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(8)
+    lock, deadline = tmp_path / "busy" / LOCK, time.time() + 60
+    while time.time() < deadline and (not lock.exists() or lock.read_text().strip() != str(second.pid)):
+        time.sleep(0.1)
+    assert lock.read_text().strip() == str(second.pid)  # killed while holding the lock
     second.kill()
     second.wait()
     third = mtkit(*args, "--force", "--set", "train.max_time=1", cwd=work)

@@ -433,7 +433,9 @@ def _check(cfg: RunConfig) -> list[str]:
                        ("data.shard_size", d.shard_size), ("train.pool_size", t.pool_size),
                        ("tokenizer.input_sentence_size", cfg.tokenizer.input_sentence_size),
                        ("train.valid_bleu_sentences", t.valid_bleu_sentences), ("train.patience", t.patience),
-                       ("train.max_epochs", t.max_epochs), ("model.max_positions", m.max_positions)]:
+                       ("train.max_epochs", t.max_epochs), ("model.max_positions", m.max_positions),
+                       ("train.threads", t.threads),
+                       ("data.max_tokens_per_sentence", d.max_tokens_per_sentence)]:
         if isinstance(value, int) and value < 1:
             problems.append(f"{key} must be >= 1, got {value}")
     for key, value in [("decode.max_len_offset", cfg.decode.max_len_offset),
