@@ -102,8 +102,10 @@ def test_21_a_second_train_on_a_busy_run_directory_is_refused_with_the_holders_p
     args = ["train", "run.yaml", "--set", f"train.run_dir={tmp_path / 'busy'}",
             "--set", "train.max_steps=100000", "--set", "train.max_time=60",
             "--set", "train.valid_every=100000"]
-    first = subprocess.Popen([sys.executable, "-m", "mtkit", *args], cwd=work, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = tmp_path / "first.err"  # a file, not a pipe: a full pipe nobody reads would block the run
+    with err.open("wb") as f:
+        first = subprocess.Popen([sys.executable, "-m", "mtkit", *args], cwd=work, env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=f)
     try:
         deadline = time.time() + 60
         while not (tmp_path / "busy" / "log.jsonl").exists() and time.time() < deadline:
@@ -116,7 +118,7 @@ def test_21_a_second_train_on_a_busy_run_directory_is_refused_with_the_holders_p
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=60)
-    assert first.returncode == 130
+    assert first.returncode == 130, err.read_text()[-2000:]
     # the lock dies with its holder: a SIGKILLed run leaves none behind
     second = subprocess.Popen([sys.executable, "-m", "mtkit", *args, "--force"], cwd=work, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
