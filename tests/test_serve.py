@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,13 +37,15 @@ class Server:
     def __init__(self, model: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()  # not a pipe: a full pipe nobody reads would block the server
         self.proc = subprocess.Popen([sys.executable, "-m", "mtkit", "serve", "-m", str(model), "--port",
-                                      str(self.port), *args], env=ENV, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                      str(self.port), *args], env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=self.log)
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
+                self.log.seek(0)
+                raise AssertionError(f"server exited: {self.log.read().decode(errors='replace')}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -69,6 +72,7 @@ class Server:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
