@@ -96,6 +96,13 @@ def test_20_prepare_removes_what_a_killed_prepare_left(work, tmp_path):
     assert not stray.exists() and (tmp_path / "prepared" / "manifest.json").is_file()
 
 
+def wait_until(ready, seconds: float) -> None:
+    """Poll `ready()` until it is true or `seconds` have passed (the caller asserts what it needs)."""
+    deadline = time.time() + seconds
+    while not ready() and time.time() < deadline:
+        time.sleep(0.05)
+
+
 # 21. One process per run directory.
 
 def test_21_a_second_train_on_a_busy_run_directory_is_refused_with_the_holders_pid(work, tmp_path):
@@ -107,9 +114,7 @@ def test_21_a_second_train_on_a_busy_run_directory_is_refused_with_the_holders_p
         first = subprocess.Popen([sys.executable, "-m", "mtkit", *args], cwd=work, env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=f)
     try:
-        deadline = time.time() + 60
-        while not (tmp_path / "busy" / "log.jsonl").exists() and time.time() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: (tmp_path / "busy" / "log.jsonl").exists(), 60)
         for extra in ([], ["--force"], ["--resume", "--force"]):
             line = one_error(mtkit(*args, *extra, cwd=work), str(tmp_path / "busy"), "in use",
                              f"pid {first.pid}")
@@ -122,9 +127,8 @@ def test_21_a_second_train_on_a_busy_run_directory_is_refused_with_the_holders_p
     # the lock dies with its holder: a SIGKILLed run leaves none behind
     second = subprocess.Popen([sys.executable, "-m", "mtkit", *args, "--force"], cwd=work, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lock, deadline = tmp_path / "busy" / LOCK, time.time() + 60
-    while time.time() < deadline and (not lock.exists() or lock.read_text().strip() != str(second.pid)):
-        time.sleep(0.1)
+    lock = tmp_path / "busy" / LOCK
+    wait_until(lambda: lock.exists() and lock.read_text().strip() == str(second.pid), 60)
     assert lock.read_text().strip() == str(second.pid)  # killed while holding the lock
     second.kill()
     second.wait()
@@ -332,9 +336,7 @@ def test_28_closing_a_pool_whose_workers_hang_returns_in_seconds(untrained):
 
     worker = threading.Thread(target=translate, daemon=True)
     worker.start()
-    deadline = time.time() + 30
-    while not translator._pool.started and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: translator._pool.started, 30)
     time.sleep(0.5)
     began = time.time()
     translator.close()
