@@ -249,7 +249,8 @@ def run_steps(system: System, batches: Batches, cfg: RunConfig, device: torch.de
     start = time.perf_counter()
     for micro, n in zip(batches.micro, batches.tgt_tokens):
         system.step += 1
-        lr = learning_rate(system.step, cfg.model.d_model, t.warmup_steps, t.lr_factor)
+        lr = learning_rate(system.step, cfg.model.d_model, t.warmup_steps, t.lr_factor, t.lr_decay,
+                           t.max_steps)
         out, system.parts = train_step(system.step_model, system.optimizer, micro, n, 1, lr, t,
                                        system.autocast, system.parts)
     sync(device)

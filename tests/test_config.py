@@ -139,3 +139,16 @@ def test_zero_heads_is_an_error_line_not_a_division_by_zero():
 def test_a_count_below_one_is_an_error_line_naming_the_key(tmp_path, key, value):
     with pytest.raises(UserError, match=rf"{key} must be >= 1, got {value}"):
         load_config(write(tmp_path, MINIMAL), [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("max_steps", [100, 4000])
+def test_linear_decay_needs_max_steps_above_the_warmup(tmp_path, max_steps):
+    sets = ["train.lr_decay=linear", f"train.max_steps={max_steps}", "train.warmup_steps=4000"]
+    expected = (rf"train\.lr_decay linear falls to 0 at train\.max_steps \({max_steps}\), "
+                r"which must be above train\.warmup_steps \(4000\)")
+    with pytest.raises(UserError, match=expected):
+        load_config(write(tmp_path, MINIMAL), sets)
+    fits = load_config(write(tmp_path, MINIMAL), [sets[0], "train.max_steps=4001", sets[2]])
+    assert fits.train.max_steps == 4001 and fits.train.lr_decay == "linear"
+    with pytest.raises(UserError, match=r"train\.lr_decay"):
+        load_config(write(tmp_path, MINIMAL), ["train.lr_decay=cosine"])

@@ -28,6 +28,21 @@ def test_learning_rate_peaks_at_the_end_of_warmup():
     assert learning_rate(4000, 512, 4000) == pytest.approx(512**-0.5 * 4000**-0.5)
 
 
+def test_linear_decay_keeps_the_warmup_then_falls_in_a_straight_line_to_zero():
+    peak = 0.5 * 256**-0.5 * 1000**-0.5
+    for step in (1, 500, 1000):  # the warm-up and its peak are the paper's
+        assert learning_rate(step, 256, 1000, 0.5, "linear", 5000) == pytest.approx(
+            learning_rate(step, 256, 1000, 0.5))
+    assert learning_rate(1000, 256, 1000, 0.5, "linear", 5000) == pytest.approx(peak)
+    assert learning_rate(3000, 256, 1000, 0.5, "linear", 5000) == pytest.approx(peak / 2)
+    assert learning_rate(4999, 256, 1000, 0.5, "linear", 5000) == pytest.approx(peak / 4000)
+    assert learning_rate(5000, 256, 1000, 0.5, "linear", 5000) == 0.0
+    assert learning_rate(6000, 256, 1000, 0.5, "linear", 5000) == 0.0  # past max_steps (a resumed run)
+    rates = [learning_rate(s, 256, 1000, 0.5, "linear", 5000) for s in range(1000, 5001)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert learning_rate(3000, 256, 1000, 0.5) > peak / 2  # the paper's decays more slowly here
+
+
 def test_label_smoothed_loss_against_hand_computation():
     logits = torch.tensor([[[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [1.0, 1.0, 1.0, 1.0]]])
     target = torch.tensor([[2, 1, PAD]])  # the PAD position must not count

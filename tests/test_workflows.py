@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import synthetic_pairs, write_text_pair
+from mtkit.card import card_text
 from mtkit.checkpoint import load_checkpoint, step_checkpoints
 from mtkit.config import config_from_dict
 from mtkit.data.shards import PreparedData
@@ -76,6 +77,21 @@ def test_init_from_starts_at_step_one_with_the_old_weights_and_a_fresh_optimizer
     assert first["step"] == 1 and first["lr"] == pytest.approx(learning_rate(1, 32, 4, 1e-6))
     starts = json.loads((work / "tuned" / "starts.jsonl").read_text().splitlines()[0])
     assert starts["init_from"]["fingerprint"] == new["vocab_fingerprint"]
+
+
+def test_linear_decay_trains_at_the_rate_of_its_schedule_down_to_zero(work):
+    raw = _config(work, "linear", **{"train.lr_decay": "linear", "train.log_every": 1})
+    cfg = config_from_dict(raw)
+    prepare(cfg)
+    run = train(cfg)
+    rates = {r["step"]: r["lr"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+             if "lr" in r}
+    assert sorted(rates) == list(range(1, 9))
+    for step, lr in rates.items():
+        assert lr == pytest.approx(learning_rate(step, 32, 4, 1.0, "linear", 8)), step
+    assert rates[4] > rates[5] > rates[6] > rates[7] > rates[8] == 0.0
+    last = step_checkpoints(run / "checkpoints")[-1]
+    assert "linear decay to 0 at max_steps 8" in card_text(load_checkpoint(last), last, "transformers")
 
 
 def test_init_from_with_other_dimensions_names_every_differing_key(work, base):

@@ -292,9 +292,13 @@ def _training_section(state: dict, cfg: RunConfig) -> list[str]:
     decay = f", weight decay {t.weight_decay:g}" if t.weight_decay else ""
     clip = f"; gradient norm clipped at {t.clip_norm:g}" if t.clip_norm is not None else ""
     betas = ", ".join(f"{b:g}" for b in t.adam_betas)
+    schedule = "min(step^-0.5, step × warmup_steps^-1.5)"
+    if t.lr_decay == "linear":
+        schedule = (f"warmup_steps^-0.5 × min(step / warmup_steps, (max_steps - step) / (max_steps - "
+                    f"warmup_steps)) (linear decay to 0 at max_steps {t.max_steps})")
     lines.append(f"- Optimizer: {optimizer} (betas {betas}, eps {t.adam_eps:g}{decay}), learning rate "
-                 f"lr_factor {t.lr_factor:g} × d_model^-0.5 × "
-                 f"min(step^-0.5, step × warmup_steps^-1.5), warmup_steps {t.warmup_steps}{clip}.")
+                 f"lr_factor {t.lr_factor:g} × d_model^-0.5 × {schedule}, "
+                 f"warmup_steps {t.warmup_steps}{clip}.")
     lines.append(f"- Label smoothing: {t.label_smoothing:g}.")
     init = state.get("init_from")
     if isinstance(init, dict) and init.get("path"):

@@ -208,6 +208,11 @@ class TrainConfig:
     """Multiplier on the paper's schedule d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
     warmup_steps: int = 4000
     """Linear warm-up steps of the schedule (section 5.3)."""
+    lr_decay: Literal["inverse_sqrt", "linear"] = "inverse_sqrt"
+    """After the warm-up: inverse_sqrt is the paper's step^-0.5; linear (not in the paper) falls from
+    the same peak in a straight line to 0 at train.max_steps, for a budget known in steps: the last
+    steps learn at a small rate, as checkpoint averaging would smooth them. Changing max_steps on
+    resume changes the slope from there on."""
     adam_betas: tuple[float, float] = (0.9, 0.98)
     """Adam beta1, beta2 (section 5.3)."""
     adam_eps: float = 1e-9
@@ -447,6 +452,10 @@ def _check(cfg: RunConfig) -> list[str]:
                        ("tokenizer.character_coverage", cfg.tokenizer.character_coverage)]:
         if isinstance(value, float) and not (math.isfinite(value) and value > 0):
             problems.append(f"{key} must be a positive number, got {value}")
+    if (t.lr_decay == "linear" and isinstance(t.max_steps, int) and isinstance(t.warmup_steps, int)
+            and t.max_steps <= t.warmup_steps):
+        problems.append(f"train.lr_decay linear falls to 0 at train.max_steps ({t.max_steps}), which must be "
+                        f"above train.warmup_steps ({t.warmup_steps})")
     alpha = cfg.tokenizer.sampling_alpha
     if isinstance(alpha, float) and not (math.isfinite(alpha) and 0 < alpha < 1):
         problems.append(f"tokenizer.sampling_alpha must be in (0, 1) or null, got {alpha}")

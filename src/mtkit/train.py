@@ -73,9 +73,14 @@ STARTS = "starts.jsonl"  # one line per invocation: versions, hardware, precisio
 LOCK = ".lock"  # held by the training process (its pid inside) while it runs
 
 
-def learning_rate(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
-    """Section 5.3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), times `factor`."""
+def learning_rate(step: int, d_model: int, warmup: int, factor: float = 1.0, decay: str = "inverse_sqrt",
+                  max_steps: int | None = None) -> float:
+    """Section 5.3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), times `factor`.
+    decay "linear" keeps the warm-up and its peak, then falls in a straight line to 0 at `max_steps`."""
     step = max(step, 1)
+    if decay == "linear" and step > warmup:
+        peak = factor * d_model**-0.5 * warmup**-0.5
+        return peak * max(max_steps - step, 0) / (max_steps - warmup)
     return factor * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
 
 
@@ -641,7 +646,8 @@ def _steps(run: Run, state: TrainState, progress: _Progress, log_file) -> str:
             host = [next(batches) for _ in range(t.accum_steps)]
             n_tokens = _target_tokens(tgt, group)
             micro = [_to_device(b, run.device) for b in host]
-            lr = learning_rate(state.step + 1, cfg.model.d_model, t.warmup_steps, t.lr_factor)
+            lr = learning_rate(state.step + 1, cfg.model.d_model, t.warmup_steps, t.lr_factor, t.lr_decay,
+                               t.max_steps)
             out, parts = train_step(run.step_model, run.optimizer, micro, n_tokens, ranks.world, lr, t,
                                     run.autocast, parts)
             state.step += 1
