@@ -78,8 +78,8 @@ def learning_rate(step: int, d_model: int, warmup: int, factor: float = 1.0, dec
     """Section 5.3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), times `factor`.
     decay "linear" keeps the warm-up and its peak, then falls in a straight line to 0 at `max_steps`."""
     step = max(step, 1)
-    if decay == "linear" and step > warmup:
-        peak = factor * d_model**-0.5 * warmup**-0.5
+    if decay == "linear" and step > warmup:  # the peak is the paper's rate at the end of warm-up
+        peak = learning_rate(warmup, d_model, warmup, factor)
         return peak * max(max_steps - step, 0) / (max_steps - warmup)
     return factor * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
 
