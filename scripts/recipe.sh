@@ -3,8 +3,8 @@
 #   bash scripts/recipe.sh configs/multi30k_de_en_cpu_long.yaml [--set KEY=VALUE ...]
 # MTKIT_DATA, when set, is the data directory (data.dir). The config names its test split in
 # data.splits.test; prepare leaves it alone for training and nothing chooses by it. The run's newest
-# RECIPE_AVERAGE checkpoints are averaged (default 3, which scored highest on validation for the
-# one-hour de->en recipe; en->de's validation chose 1, its last checkpoint); the averaged model
+# RECIPE_AVERAGE checkpoints are averaged (default 3, which scored highest on validation for both
+# one-hour recipes, against the last checkpoint alone and the last 5); the averaged model
 # translates the validation and the test split. Validation scores go to stderr and RUN/valid.json; the test split's
 # `mtkit evaluate --json` result is printed last, on stdout (and kept in RUN/test.json).
 # RECIPE_TEST=0 leaves the test split alone (for comparing settings, which is done on validation
